@@ -1,0 +1,1 @@
+"""Training places, benchmark sets, augmentation, grain pipelines and synthetic data."""

@@ -1,0 +1,1 @@
+"""Backbones, aggregators and the full VPR model."""
