@@ -42,6 +42,9 @@ def get_model_config():
   model.mixvpr_mix_depth = 5
   model.mixvpr_mlp_ratio = 1
   model.mixvpr_out_rows = 4
+  # MixVPR row_proj bias: True as mldl24-vpr (the seed); the original MixVPR repository (and its
+  # released ResNet-50 checkpoints) has none. `vpr_jax.convert` sets it from the checkpoint.
+  model.mixvpr_row_proj_bias = True
   # Compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'.
   # Parameters stay float32; norms, pooling powers, LayerNorm and similarities run in float32.
   model.dtype = 'auto'
@@ -95,6 +98,16 @@ def get_config():
   data.positive_radius_m = 25.0
   # Images per evaluation batch (the last batch is padded and masked).
   data.eval_batch_size = 256
+  # Synthetic data (demo and tests): when enabled, the training set and the validation sets are
+  # generated under <data.root>/<synthetic.dir> on first use (deterministic from synthetic.seed).
+  synth = data.synthetic = ml_collections.ConfigDict()
+  synth.enabled = False
+  synth.dir = 'synthetic'
+  synth.seed = 0
+  synth.num_train_places = 0
+  synth.images_per_place = 4
+  synth.num_eval_places = 0
+  synth.image_size = (64, 64)
 
   loss = config.loss = ml_collections.ConfigDict()
   # pytorch-metric-learning names and argument names (see vpr_jax.losses).

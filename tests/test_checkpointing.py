@@ -1,0 +1,201 @@
+"""Checkpoints: inference save/load, best-N + latest retention, resume checks, failure safety."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from vpr_jax import checkpointing
+
+
+def _variables(width=4):
+  return {
+      'params': {'conv': {'kernel': np.arange(3 * width, dtype=np.float32).reshape(3, width)},
+                 'gem': {'p': np.float32(3.0)}},
+      'batch_stats': {'bn': {'mean': np.ones(width, np.float32), 'var': np.full(width, 2.0,
+                                                                                  np.float32)}},
+  }
+
+
+def _train_item(step=0):
+  return {'step': jnp.int32(step), 'opt_state': {'mu': jnp.zeros(4), 'count': jnp.int32(step)},
+          'rng': jax.random.key_data(jax.random.PRNGKey(step))}
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_config_json_round_trip():
+  config = default.get_config()
+  restored = checkpointing.config_from_json(checkpointing.config_to_json(config))
+  assert restored == config
+  assert isinstance(restored.model.layers_to_crop, tuple)
+  assert isinstance(restored.data.cities, tuple)
+
+
+def test_inference_checkpoint_round_trip_and_no_overwrite(tmp_path):
+  config = default.get_config()
+  out = tmp_path / 'converted'
+  variables = _variables()
+  checkpointing.save_inference_checkpoint(str(out), config, variables)
+  # The temporary folder was renamed into place; nothing else left next to it.
+  assert sorted(os.listdir(tmp_path)) == ['converted']
+  loaded_config, loaded, step = checkpointing.load_for_eval(str(out))
+  assert step == 0 and loaded_config == config
+  _assert_trees_equal(loaded, variables)
+  assert isinstance(loaded['params']['conv']['kernel'], np.ndarray)
+
+  with pytest.raises(FileExistsError, match='not empty'):
+    checkpointing.save_inference_checkpoint(str(out), config, _variables(width=5))
+  _assert_trees_equal(checkpointing.load_for_eval(str(out))[1], variables)
+
+  # An existing empty directory is fine; overwrite=True replaces a full one.
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  checkpointing.save_inference_checkpoint(str(empty), config, variables)
+  checkpointing.save_inference_checkpoint(str(out), config, _variables(width=5), overwrite=True)
+  assert checkpointing.load_for_eval(str(out))[1]['params']['conv']['kernel'].shape == (3, 5)
+
+
+def test_inference_checkpoint_failure_writes_nothing(tmp_path):
+  config = default.get_config()
+  with pytest.raises(ValueError, match='batch_stats'):
+    checkpointing.save_inference_checkpoint(str(tmp_path / 'out'), config,
+                                            {'params': _variables()['params']})
+  assert os.listdir(tmp_path) == []
+
+
+def test_best_retention_by_r1_and_latest(tmp_path):
+  config = default.get_config()
+  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path / 'checkpoints'), config,
+                                                 keep_best=3)
+  r1_by_step = {10: 40.0, 20: 70.0, 30: 55.0, 40: 20.0, 50: 60.0}
+  for step, r1 in r1_by_step.items():
+    variables = _variables()
+    variables['params']['gem']['p'] = np.float32(step)
+    checkpointer.save(step, variables=variables, train=_train_item(step),
+                      data_iterator_state=json.dumps({'step': step}).encode(), r1=r1,
+                      info={'epoch': step // 10})
+  checkpointer.save(55, variables=_variables(), train=_train_item(55),
+                    data_iterator_state={'next_index': 55})
+  assert checkpointer.best.all_steps() == [20, 30, 50]
+  assert checkpointer.latest.all_steps() == [55]
+  assert checkpointer.best_step() == 20
+  assert checkpointer.latest_step() == 55
+
+  restored = checkpointer.restore(_variables(), _train_item())
+  assert restored['step'] == 55
+  assert restored['data_iterator_state'] == {'next_index': 55}
+  _assert_trees_equal(restored['train'], _train_item(55))
+  restored = checkpointer.restore(_variables(), _train_item(), step=30)
+  assert restored['data_iterator_state'] == b'{"step": 30}'
+  assert restored['info']['epoch'] == 3 and restored['info']['r1'] == 55.0
+  assert float(restored['variables']['params']['gem']['p']) == 30.0
+  checkpointer.close()
+
+  # load_for_eval takes the workdir and picks the best step by R@1.
+  _, variables, step = checkpointing.load_for_eval(str(tmp_path))
+  assert step == 20 and float(variables['params']['gem']['p']) == 20.0
+  assert checkpointing.load_for_eval(str(tmp_path / 'checkpoints'), step=55)[2] == 55
+  with pytest.raises(ValueError, match='No step 7'):
+    checkpointing.load_for_eval(str(tmp_path), step=7)
+  assert checkpointing.find_latest_run(str(tmp_path.parent)) == str(tmp_path)
+
+
+def test_resume_with_other_config_or_structure_fails_and_writes_nothing(tmp_path):
+  config = default.get_config()
+  directory = str(tmp_path / 'checkpoints')
+  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer.save(5, variables=_variables(), train=_train_item(5))
+  checkpointer.close()
+  before = sorted(os.listdir(os.path.join(directory, 'latest')))
+  config_text = open(os.path.join(directory, 'config.json')).read()
+
+  other = default.get_config()
+  other.model.aggregator = 'gem'
+  other.optim.learning_rate = 1e-3
+  other.max_steps = 100  # run-control fields may change
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    checkpointing.TrainCheckpointer(directory, other)
+  message = str(error.value)
+  assert 'model.aggregator' in message and 'optim.learning_rate' in message
+  assert 'max_steps' not in message
+  assert open(os.path.join(directory, 'config.json')).read() == config_text
+
+  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    checkpointer.restore(_variables(width=6), _train_item())
+  assert 'params/conv/kernel' in str(error.value) and '(3, 6)' in str(error.value)
+  assert sorted(os.listdir(os.path.join(directory, 'latest'))) == before
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+  config = default.get_config()
+  directory = str(tmp_path / 'checkpoints')
+  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer.save(5, variables=_variables(), train=_train_item(5))
+
+  # A record that cannot be written is refused before anything reaches the disk.
+  with pytest.raises(TypeError, match='info'):
+    checkpointer.save(6, variables=_variables(), train=_train_item(6), info={'bad': object()})
+  assert sorted(os.listdir(os.path.join(directory, 'latest'))) == ['5']
+
+  # A write that fails inside orbax: the previous latest step survives and stays readable.
+  original = checkpointing.ocp.JsonCheckpointHandler.async_save
+
+  def failing_save(self, directory, *args, **kwargs):
+    if 'data_iterator' in str(directory):
+      raise OSError('disk full')
+    return original(self, directory, *args, **kwargs)
+
+  monkeypatch.setattr(checkpointing.ocp.JsonCheckpointHandler, 'async_save', failing_save)
+  with pytest.raises(OSError, match='disk full'):
+    checkpointer.save(6, variables=_variables(), train=_train_item(6))
+  monkeypatch.undo()
+  assert checkpointer.latest.all_steps() == [5]
+  _assert_trees_equal(checkpointer.restore(_variables(), _train_item())['train'], _train_item(5))
+  checkpointer.close()
+
+
+def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
+  config = default.get_config()
+  directory = str(tmp_path / 'checkpoints')
+  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer.save(5, variables=_variables(), train=_train_item(5))
+  checkpointer.close()
+  # What a process killed during the save of step 6 leaves behind: an uncommitted temporary folder.
+  latest = os.path.join(directory, 'latest')
+  os.makedirs(os.path.join(latest, '6.orbax-checkpoint-tmp', 'variables'))
+  with open(os.path.join(latest, '6.orbax-checkpoint-tmp', 'variables', 'partial'), 'w') as f:
+    f.write('x')
+
+  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  assert checkpointer.latest_step() == 5
+  _assert_trees_equal(checkpointer.restore(_variables(), _train_item())['train'], _train_item(5))
+  checkpointer.save(7, variables=_variables(), train=_train_item(7))
+  checkpointer.close()
+  assert sorted(os.listdir(latest)) == ['7']
+
+
+def test_truncated_checkpoint_raises_clear_error(tmp_path):
+  out = tmp_path / 'converted'
+  checkpointing.save_inference_checkpoint(str(out), default.get_config(), _variables())
+  data_files = [os.path.join(root, name)
+                for root, _, names in os.walk(out / 'latest' / '0' / 'variables')
+                for name in names if os.path.basename(root) == 'd']
+  assert data_files
+  for path in data_files:
+    with open(path, 'r+b') as f:
+      f.truncate(3)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match='truncated'):
+    checkpointing.load_for_eval(str(out))
+
+
+def test_missing_checkpoint_is_explained(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No checkpoint'):
+    checkpointing.load_for_eval(str(tmp_path))

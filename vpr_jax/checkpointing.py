@@ -1,0 +1,656 @@
+"""Checkpoints: training state (best-N by R@1 + latest), inference checkpoints, run folders.
+
+Layout of a checkpoint directory `DIR` (a training workdir keeps it in `<workdir>/checkpoints`):
+
+  DIR/config.json            the full ConfigDict as JSON
+  DIR/best/<step>/...        orbax CheckpointManager, keep_best steps ranked by validation R@1
+  DIR/latest/<step>/...      orbax CheckpointManager, the most recent step only
+
+Each step folder holds the items 'variables' ({'params', 'batch_stats'}) and, for training runs,
+'train' (optimiser state, step, RNG, counters), 'data_iterator' (the grain iterator state, JSON)
+and 'info' (JSON: epoch, validation recalls). A converted checkpoint holds only
+`latest/0/variables`.
+
+orbax writes each step into a temporary folder and renames it when complete, and saves here are
+synchronous, so a save that fails leaves the previous checkpoints untouched: older steps are
+removed only after the new one is committed.
+"""
+
+import base64
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_FILENAME = 'config.json'
+CHECKPOINTS_SUBDIR = 'checkpoints'
+BEST_SUBDIR = 'best'
+LATEST_SUBDIR = 'latest'
+
+# Config fields that may differ between a checkpoint and the run that resumes it: they change how
+# the run is driven (length, logging, paths, worker counts), not what is being trained.
+RESUMABLE_CONFIG_FIELDS = (
+    'max_steps', 'num_epochs', 'parallel', 'eval_every_epochs', 'eval_before_training',
+    'keep_best', 'checkpoint_every_steps', 'log_every_steps', 'on_nonfinite',
+    'model.backbone_weights', 'model.dtype',
+    'data.root', 'data.train_dir', 'data.cache_dir', 'data.rebuild_index', 'data.num_workers',
+    'data.prefetch_buffer_size', 'data.max_bad_image_fraction', 'data.val_datasets',
+    'data.positive_radius_m', 'data.eval_batch_size',
+)
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not match the configuration or the state it is restored into."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs as JSON.
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  """Serialises a ConfigDict to indented JSON with sorted keys.
+
+  Args:
+    config: the configuration.
+
+  Returns:
+    The JSON text (tuples become lists; `config_from_json` turns them back into tuples).
+  """
+  return config.to_json(indent=2, sort_keys=True)
+
+
+def _lists_to_tuples(value):
+  if isinstance(value, dict):
+    return {k: _lists_to_tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_lists_to_tuples(v) for v in value)
+  return value
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """Parses the JSON written by `config_to_json`.
+
+  Args:
+    text: JSON text of a configuration.
+
+  Returns:
+    The ConfigDict; JSON lists become tuples, as in configs/default.py.
+  """
+  return ml_collections.ConfigDict(_lists_to_tuples(json.loads(text)))
+
+
+def _flatten_config(config) -> dict:
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config_to_json(config))
+  flat = {}
+
+  def visit(prefix, value):
+    if isinstance(value, dict):
+      for k, v in value.items():
+        visit(f'{prefix}.{k}' if prefix else k, v)
+    else:
+      flat[prefix] = _lists_to_tuples(value)
+
+  visit('', config)
+  return flat
+
+
+def config_differences(saved, current, ignore: Sequence[str] = ()) -> list[str]:
+  """Lists the fields that differ between two configurations.
+
+  Args:
+    saved: the configuration of a checkpoint (ConfigDict or dict).
+    current: the configuration of this run.
+    ignore: dotted field names not compared.
+
+  Returns:
+    Lines like "optim.learning_rate: checkpoint 0.0005, this run 0.001", sorted by field.
+  """
+  a, b = _flatten_config(saved), _flatten_config(current)
+  lines = []
+  for key in sorted(set(a) | set(b)):
+    if key in ignore or any(key.startswith(prefix + '.') for prefix in ignore):
+      continue
+    if key not in a:
+      lines.append(f'{key}: absent from the checkpoint, this run {b[key]!r}')
+    elif key not in b:
+      lines.append(f'{key}: checkpoint {a[key]!r}, absent from this run')
+    elif a[key] != b[key]:
+      lines.append(f'{key}: checkpoint {a[key]!r}, this run {b[key]!r}')
+  return lines
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_config(directory: str) -> ml_collections.ConfigDict:
+  """Reads `directory/config.json`, with a clear error when it is missing or unreadable."""
+  path = os.path.join(directory, CONFIG_FILENAME)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} not found: a checkpoint directory holds {CONFIG_FILENAME}.')
+  try:
+    with open(path) as f:
+      return config_from_json(f.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); the checkpoint may be truncated.') from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders.
+
+
+def default_runs_dir() -> str:
+  """The folder that holds training runs: $VPR_RUNS_DIR if set, else ./runs."""
+  return os.path.abspath(os.environ.get('VPR_RUNS_DIR') or 'runs')
+
+
+def _has_checkpoint(checkpoint_dir: str) -> bool:
+  if not os.path.isfile(os.path.join(checkpoint_dir, CONFIG_FILENAME)):
+    return False
+  return bool(_finalized_steps(os.path.join(checkpoint_dir, LATEST_SUBDIR)) or
+              _finalized_steps(os.path.join(checkpoint_dir, BEST_SUBDIR)))
+
+
+def _finalized_steps(manager_dir: str) -> list[int]:
+  """Step folders that orbax committed (temporary folders have non-numeric names)."""
+  if not os.path.isdir(manager_dir):
+    return []
+  return sorted(int(name) for name in os.listdir(manager_dir)
+                if name.isdigit() and os.path.isdir(os.path.join(manager_dir, name)))
+
+
+def find_latest_run(runs_dir: str) -> Optional[str]:
+  """The most recently modified run folder under `runs_dir` that holds a checkpoint.
+
+  Args:
+    runs_dir: a folder of training workdirs (see `default_runs_dir`).
+
+  Returns:
+    The workdir path, or None when no run there has a checkpoint.
+  """
+  if not os.path.isdir(runs_dir):
+    return None
+  best_time, best_run = -1.0, None
+  for name in os.listdir(runs_dir):
+    run = os.path.join(runs_dir, name)
+    checkpoint_dir = os.path.join(run, CHECKPOINTS_SUBDIR)
+    if not _has_checkpoint(checkpoint_dir):
+      continue
+    mtime = max(os.path.getmtime(os.path.join(checkpoint_dir, sub))
+                for sub in (BEST_SUBDIR, LATEST_SUBDIR)
+                if os.path.isdir(os.path.join(checkpoint_dir, sub)))
+    if mtime > best_time:
+      best_time, best_run = mtime, run
+  return best_run
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+  """Finds the checkpoint directory given a workdir, its checkpoints/ folder or a converted one.
+
+  Args:
+    path: a training workdir, `<workdir>/checkpoints`, or a converted checkpoint directory.
+
+  Returns:
+    The directory that holds config.json and the best/ and latest/ managers.
+  """
+  path = os.path.abspath(os.fspath(path))
+  for candidate in (os.path.join(path, CHECKPOINTS_SUBDIR), path):
+    if os.path.isfile(os.path.join(candidate, CONFIG_FILENAME)) and (
+        os.path.isdir(os.path.join(candidate, LATEST_SUBDIR)) or
+        os.path.isdir(os.path.join(candidate, BEST_SUBDIR))):
+      return candidate
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'Checkpoint path {path} does not exist.')
+  raise FileNotFoundError(
+      f'No checkpoint in {path}: expected a training workdir (with {CHECKPOINTS_SUBDIR}/), its '
+      f'{CHECKPOINTS_SUBDIR}/ folder, or a converted checkpoint ({CONFIG_FILENAME} and '
+      f'{LATEST_SUBDIR}/ or {BEST_SUBDIR}/).')
+
+
+# ----------------------------------------------------------------------------------------------
+# orbax managers.
+
+_ITEM_HANDLERS = {
+    'variables': ocp.StandardCheckpointHandler,
+    'train': ocp.StandardCheckpointHandler,
+    'data_iterator': ocp.JsonCheckpointHandler,
+    'info': ocp.JsonCheckpointHandler,
+}
+
+
+def _r1_of(metrics: Mapping[str, Any]) -> float:
+  return float(metrics['r1'])
+
+
+def _make_manager(directory: str, *, max_to_keep: Optional[int], best: bool,
+                  read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      best_fn=_r1_of if best else None,
+      best_mode='max',
+      keep_checkpoints_without_metrics=False,
+      # Synchronous saves: save() returns once the step folder is committed, and a failed save
+      # raises before older steps are removed.
+      enable_async_checkpointing=False,
+      # Leftovers of interrupted saves are removed by `_remove_unfinished_saves` instead, which
+      # runs synchronously (orbax's background cleanup can race a writer that is still closing).
+      cleanup_tmp_directories=False,
+      create=not read_only,
+      read_only=read_only,
+  )
+  handlers = {name: cls() for name, cls in _ITEM_HANDLERS.items()}
+  # orbax warns that a read-only manager is read-only; that is the point here.
+  with _absl_verbosity(logging.ERROR) if read_only else contextlib.nullcontext():
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+@contextlib.contextmanager
+def _absl_verbosity(level):
+  previous = logging.get_verbosity()
+  logging.set_verbosity(level)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(previous)
+
+
+def _remove_unfinished_saves(manager_dir: str) -> None:
+  """Deletes the temporary folders of saves that never completed (crash, failed write)."""
+  if not os.path.isdir(manager_dir):
+    return
+  for name in os.listdir(manager_dir):
+    if '.orbax-checkpoint-tmp' in name:
+      logging.info('Removing unfinished checkpoint %s', os.path.join(manager_dir, name))
+      shutil.rmtree(os.path.join(manager_dir, name), ignore_errors=True)
+
+
+def _tree_signature(tree) -> dict[str, tuple]:
+  """{path: (shape, dtype)} of the array leaves of a pytree (or of orbax metadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  signature = {}
+  for path, leaf in leaves:
+    key = jax.tree_util.keystr(path, simple=True, separator='/')
+    shape = tuple(getattr(leaf, 'shape', ()) or ())
+    dtype = getattr(leaf, 'dtype', None)
+    signature[key] = (shape, np.dtype(dtype).name if dtype is not None else type(leaf).__name__)
+  return signature
+
+
+def tree_differences(expected, found, max_lines: int = 30) -> list[str]:
+  """Lists missing, unexpected and mis-shaped leaves between two pytrees.
+
+  Args:
+    expected: the pytree (arrays or ShapeDtypeStructs) a checkpoint should hold.
+    found: the pytree (arrays or orbax metadata) it holds.
+    max_lines: at most this many lines, then a count of the rest.
+
+  Returns:
+    Lines describing the differences; empty when shapes and dtypes agree everywhere.
+  """
+  a, b = _tree_signature(expected), _tree_signature(found)
+  lines = []
+  for key in sorted(set(a) - set(b)):
+    lines.append(f'missing from the checkpoint: {key} {a[key][0]}')
+  for key in sorted(set(b) - set(a)):
+    lines.append(f'unexpected in the checkpoint: {key} {b[key][0]}')
+  for key in sorted(set(a) & set(b)):
+    if a[key][0] != b[key][0]:
+      lines.append(f'shape of {key}: checkpoint {b[key][0]}, expected {a[key][0]}')
+    elif a[key][1] != b[key][1]:
+      lines.append(f'dtype of {key}: checkpoint {b[key][1]}, expected {a[key][1]}')
+  if len(lines) > max_lines:
+    lines = lines[:max_lines] + [f'... and {len(lines) - max_lines} more']
+  return lines
+
+
+def _abstract_numpy_tree(metadata):
+  """Zero-size-cost numpy restore targets from orbax array metadata."""
+
+  def leaf(m):
+    if hasattr(m, 'shape') and hasattr(m, 'dtype'):
+      return np.zeros(m.shape, m.dtype)
+    return m
+
+  return jax.tree.map(leaf, metadata)
+
+
+def _restorable(tree):
+  # orbax restores into arrays and ShapeDtypeStructs, not numpy or Python scalars.
+  def leaf(x):
+    if isinstance(x, (np.generic, int, float, bool)):
+      return np.asarray(x)
+    return x
+
+  return jax.tree.map(leaf, tree)
+
+
+def _restore_items(manager: ocp.CheckpointManager, step: int, where: str, targets: Mapping[str, Any],
+                   json_items: Sequence[str] = ()) -> dict:
+  """Restores items of the step folder `where` after checking their structure."""
+  try:
+    metadata = manager.item_metadata(step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointMismatchError(
+        f'Cannot read the checkpoint metadata of {where}: {e}. The checkpoint may be truncated '
+        'or written by an incompatible version.') from e
+  args = {}
+  for name, target in targets.items():
+    found = metadata[name] if name in metadata else None
+    if found is None:
+      raise CheckpointMismatchError(f'{where} has no item {name!r} (truncated or incomplete).')
+    differences = tree_differences(target, found)
+    if differences:
+      raise CheckpointMismatchError(
+          f'{where}/{name} does not match this model/optimiser:\n  ' + '\n  '.join(differences))
+    args[name] = ocp.args.StandardRestore(_restorable(target))
+  for name in json_items:
+    # orbax reports no metadata for JSON items, so look for the item's folder.
+    if os.path.isdir(os.path.join(where, name)):
+      args[name] = ocp.args.JsonRestore()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointMismatchError(
+        f'Failed to restore {where}: {type(e).__name__}: {e}. The checkpoint may be truncated.'
+    ) from e
+  return {name: restored[name] for name in args}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference checkpoints.
+
+
+def _to_numpy(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def save_inference_checkpoint(directory: str, config: ml_collections.ConfigDict,
+                              variables: Mapping[str, Any], overwrite: bool = False) -> str:
+  """Writes a checkpoint that holds only model variables (used by the converter).
+
+  The checkpoint is written into a temporary sibling folder and renamed into place when complete,
+  so `directory` either holds the whole checkpoint or is left as it was.
+
+  Args:
+    directory: where to write; must not exist, or be empty (or `overwrite`).
+    config: the full configuration the variables belong to.
+    variables: {'params': ..., 'batch_stats': ...} (numpy or JAX arrays).
+    overwrite: replace an existing non-empty `directory`.
+
+  Returns:
+    The absolute path of the checkpoint directory.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory):
+    if not os.path.isdir(directory):
+      raise FileExistsError(f'{directory} exists and is not a directory.')
+    if os.listdir(directory) and not overwrite:
+      raise FileExistsError(
+          f'{directory} already exists and is not empty; refusing to overwrite it. Choose another '
+          'output directory or remove this one.')
+  missing = {'params', 'batch_stats'} - set(variables)
+  if missing:
+    raise ValueError(f'variables must have keys params and batch_stats; missing {sorted(missing)}.')
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tag = f'{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  tmp = os.path.join(parent, f'.{os.path.basename(directory)}.tmp-{tag}')
+  old = os.path.join(parent, f'.{os.path.basename(directory)}.old-{tag}')
+  try:
+    os.makedirs(tmp)
+    _write_text_atomic(os.path.join(tmp, CONFIG_FILENAME), config_to_json(config))
+    manager = _make_manager(os.path.join(tmp, LATEST_SUBDIR), max_to_keep=1, best=False)
+    variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+    manager.save(0, args=ocp.args.Composite(variables=ocp.args.StandardSave(_to_numpy(variables))))
+    manager.wait_until_finished()
+    manager.close()
+    if os.path.exists(directory):
+      if os.listdir(directory):
+        os.rename(directory, old)
+      else:
+        os.rmdir(directory)
+    os.rename(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(old) and not os.path.exists(directory):
+      os.rename(old, directory)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+  return directory
+
+
+def _pick_step(checkpoint_dir: str, step: Optional[int]):
+  """(manager folder, step) for `step`, or the best step by R@1, else the latest."""
+  best_dir = os.path.join(checkpoint_dir, BEST_SUBDIR)
+  latest_dir = os.path.join(checkpoint_dir, LATEST_SUBDIR)
+  best_steps, latest_steps = _finalized_steps(best_dir), _finalized_steps(latest_dir)
+  if step is not None:
+    if step in best_steps:
+      return best_dir, step
+    if step in latest_steps:
+      return latest_dir, step
+    raise ValueError(f'No step {step} in {checkpoint_dir}; available: best {best_steps}, '
+                     f'latest {latest_steps}.')
+  if best_steps:
+    manager = _make_manager(best_dir, max_to_keep=None, best=True, read_only=True)
+    best = manager.best_step()
+    manager.close()
+    if best is not None:
+      return best_dir, best
+  if latest_steps:
+    return latest_dir, latest_steps[-1]
+  raise FileNotFoundError(f'{checkpoint_dir} holds no completed checkpoint step.')
+
+
+def load_for_eval(path: str, step: Optional[int] = None):
+  """Loads a model's configuration and variables for evaluation.
+
+  Args:
+    path: a training workdir, its checkpoints/ folder, or a converted checkpoint directory.
+    step: a specific step; None picks the best checkpoint by validation R@1, else the latest.
+
+  Returns:
+    (config, variables, step): the run's ConfigDict, {'params', 'batch_stats'} as numpy arrays,
+    and the step restored.
+  """
+  checkpoint_dir = resolve_checkpoint_dir(path)
+  config = read_config(checkpoint_dir)
+  manager_dir, step = _pick_step(checkpoint_dir, step)
+  manager = _make_manager(manager_dir, max_to_keep=None, best=False, read_only=True)
+  where = os.path.join(manager_dir, str(step))
+  try:
+    metadata = manager.item_metadata(step)
+    found = metadata['variables'] if 'variables' in metadata else None
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointMismatchError(f'Cannot read {where}: {e} (truncated checkpoint?)') from e
+  if found is None:
+    raise CheckpointMismatchError(f'{where} has no "variables" item (truncated checkpoint?).')
+  target = _abstract_numpy_tree(found)
+  restored = _restore_items(manager, step, where, {'variables': target})
+  manager.close()
+  variables = restored['variables']
+  variables.setdefault('batch_stats', {})
+  return config, variables, step
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints.
+
+
+def encode_iterator_state(state) -> Optional[dict]:
+  """Makes a data iterator state (grain: bytes or dict) JSON-serialisable."""
+  if state is None:
+    return None
+  if isinstance(state, (bytes, bytearray)):
+    try:
+      return {'encoding': 'utf-8', 'state': bytes(state).decode('utf-8')}
+    except UnicodeDecodeError:
+      return {'encoding': 'base64', 'state': base64.b64encode(bytes(state)).decode('ascii')}
+  if isinstance(state, Mapping):
+    return {'encoding': 'json', 'state': json.loads(json.dumps(dict(state)))}
+  raise TypeError(f'Unsupported data iterator state type {type(state).__name__}; expected bytes '
+                  'or a dict (grain iterator get_state()).')
+
+
+def decode_iterator_state(encoded: Optional[Mapping]):
+  """Inverse of `encode_iterator_state`."""
+  if encoded is None:
+    return None
+  encoding = encoded.get('encoding')
+  if encoding == 'utf-8':
+    return encoded['state'].encode('utf-8')
+  if encoding == 'base64':
+    return base64.b64decode(encoded['state'])
+  if encoding == 'json':
+    return encoded['state']
+  raise ValueError(f'Unknown data iterator state encoding {encoding!r}.')
+
+
+class TrainCheckpointer:
+  """Best-N (by validation R@1) and latest training checkpoints of one run.
+
+  Creating it on an existing checkpoint directory compares the stored config.json with the current
+  configuration and raises `CheckpointMismatchError` listing the differences (fields in
+  `RESUMABLE_CONFIG_FIELDS` may differ; they are logged). Nothing is written before that check.
+  """
+
+  def __init__(self, directory: str, config: ml_collections.ConfigDict,
+               keep_best: Optional[int] = None):
+    """Opens (or creates) the checkpoint directory of a run.
+
+    Args:
+      directory: the checkpoint directory (usually `<workdir>/checkpoints`).
+      config: the configuration of this run.
+      keep_best: best checkpoints kept; default config.keep_best.
+    """
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.config = config
+    keep_best = config.keep_best if keep_best is None else keep_best
+    if keep_best < 1:
+      raise ValueError(f'keep_best must be >= 1, got {keep_best}.')
+    config_path = os.path.join(self.directory, CONFIG_FILENAME)
+    if os.path.exists(config_path):
+      saved = read_config(self.directory)
+      differences = config_differences(saved, config, ignore=RESUMABLE_CONFIG_FIELDS)
+      if differences:
+        raise CheckpointMismatchError(
+            f'The checkpoint in {self.directory} was written with a different configuration; '
+            'use another workdir or the same configuration. Differences:\n  ' +
+            '\n  '.join(differences))
+      changed = config_differences(saved, config)
+      if changed:
+        logging.warning('Resuming with changed run settings:\n  %s', '\n  '.join(changed))
+    elif _finalized_steps(os.path.join(self.directory, LATEST_SUBDIR)) or _finalized_steps(
+        os.path.join(self.directory, BEST_SUBDIR)):
+      raise CheckpointMismatchError(
+          f'{self.directory} holds checkpoint steps but no {CONFIG_FILENAME}; refusing to resume '
+          'from or write over a checkpoint whose configuration is unknown.')
+    if jax.process_index() == 0:
+      os.makedirs(self.directory, exist_ok=True)
+      _write_text_atomic(config_path, config_to_json(config))
+      for sub in (BEST_SUBDIR, LATEST_SUBDIR):
+        _remove_unfinished_saves(os.path.join(self.directory, sub))
+    self.best = _make_manager(os.path.join(self.directory, BEST_SUBDIR), max_to_keep=keep_best,
+                              best=True)
+    self.latest = _make_manager(os.path.join(self.directory, LATEST_SUBDIR), max_to_keep=1,
+                                best=False)
+
+  def latest_step(self) -> Optional[int]:
+    """The most recent saved step over both managers, or None."""
+    steps = list(self.best.all_steps()) + list(self.latest.all_steps())
+    return max(steps) if steps else None
+
+  def best_step(self) -> Optional[int]:
+    """The step with the highest validation R@1, or None."""
+    return self.best.best_step()
+
+  def save(self, step: int, *, variables, train, data_iterator_state=None,
+           r1: Optional[float] = None, info: Optional[Mapping[str, Any]] = None) -> None:
+    """Saves the latest state, and a best checkpoint too when `r1` is given.
+
+    Args:
+      step: the number of optimiser steps taken.
+      variables: {'params', 'batch_stats'} (one copy: not replicated per device).
+      train: pytree of the rest of the training state (optimiser state, step, RNG, ...).
+      data_iterator_state: the data iterator's `get_state()` (bytes or dict) or None.
+      r1: validation R@1 of the first validation set; ranks best checkpoints.
+      info: JSON-serialisable extra record (epoch, recalls, ...).
+    """
+    iterator_json = encode_iterator_state(data_iterator_state)
+    info_json = dict(info or {}, step=int(step), r1=None if r1 is None else float(r1),
+                     time=datetime.datetime.now().isoformat())
+    # Fail before anything is written rather than half-way through a save.
+    for name, value in (('data_iterator_state', iterator_json), ('info', info_json)):
+      try:
+        json.dumps(value)
+      except (TypeError, ValueError) as e:
+        raise TypeError(f'Checkpoint item {name} is not JSON-serialisable: {e}') from e
+    items = dict(
+        variables=ocp.args.StandardSave(variables),
+        train=ocp.args.StandardSave(train),
+        data_iterator=ocp.args.JsonSave(iterator_json),
+        info=ocp.args.JsonSave(info_json),
+    )
+    try:
+      if r1 is not None and step not in self.best.all_steps():
+        self.best.save(step, args=ocp.args.Composite(**items), metrics={'r1': float(r1)})
+      if step not in self.latest.all_steps():
+        self.latest.save(step, args=ocp.args.Composite(**items))
+    except BaseException:
+      # Let the writers of the failed step finish before anyone touches its temporary folder.
+      for manager in (self.best, self.latest):
+        try:
+          manager.wait_until_finished()
+        except Exception:  # pylint: disable=broad-except
+          pass
+      raise
+
+  def restore(self, variables_target, train_target, step: Optional[int] = None) -> dict:
+    """Restores a training state.
+
+    Args:
+      variables_target: pytree with the structure, shapes, dtypes (and shardings, for JAX arrays
+        or ShapeDtypeStructs) of {'params', 'batch_stats'}.
+      train_target: the same for the `train` item.
+      step: the step to restore; None takes the most recent.
+
+    Returns:
+      dict with 'step', 'variables', 'train', 'data_iterator_state' (bytes/dict/None) and 'info'.
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'No checkpoint in {self.directory}.')
+    if step in self.latest.all_steps():
+      manager, sub = self.latest, LATEST_SUBDIR
+    elif step in self.best.all_steps():
+      manager, sub = self.best, BEST_SUBDIR
+    else:
+      raise ValueError(f'No step {step} in {self.directory}.')
+    where = os.path.join(self.directory, sub, str(step))
+    restored = _restore_items(manager, step, where,
+                              {'variables': variables_target, 'train': train_target},
+                              json_items=('data_iterator', 'info'))
+    return dict(step=step, variables=restored['variables'], train=restored['train'],
+                data_iterator_state=decode_iterator_state(restored.get('data_iterator')),
+                info=restored.get('info') or {})
+
+  def close(self) -> None:
+    """Waits for pending writes and releases the managers."""
+    self.best.close()
+    self.latest.close()

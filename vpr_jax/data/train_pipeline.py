@@ -1,0 +1,463 @@
+"""The training input pipeline (grain): P places x K images per batch, as GSV-Cities batches.
+
+Order. Each epoch has its own place order, a pure function of (seed, epoch): by default every
+city's places are shuffled and the cities' blocks follow the config's city order, so a batch
+mostly holds places of one city (harder negatives, as the GSV-Cities loader with
+shuffle_all=False); `data.shuffle_all=True` shuffles all places together. The order is cut into
+global batches of `places_per_batch` places and the incomplete last batch is dropped, so each
+epoch has `num_places // places_per_batch` steps and a different set of leftover places.
+
+Processes. With several processes (multi-host), process i takes places
+[i * P_local, (i + 1) * P_local) of every global batch (P_local = places_per_batch //
+process_count): every place is read by exactly one process per epoch and the global batch is the
+concatenation of the processes' batches in process order.
+
+Elements. A place gives K images: drawn without replacement, fresh every epoch, from a numpy
+Generator seeded with (seed, epoch, place) (or the K most recent, by date then latitude, when
+`data.random_sample_from_each_place` is False). The same Generator then drives RandAugment, so
+every batch is a pure function of (seed, step) whatever the number of workers. Each image is
+resized (PIL bilinear), augmented and returned as uint8; normalisation happens on the device.
+
+Undecodable images. An image that cannot be decoded is replaced by the next image of the same
+place in the sampling order (the remaining images of the place, in the same random order; for
+"most recent", the next most recent); if the place runs out, its decodable images are used again
+(with fresh augmentation). Each failure is named in a warning from the worker and counted in the
+batch's `num_bad_images`. The iterator stops with `TooManyBadImagesError` once more than
+`data.max_bad_image_fraction` of the image reads so far failed (judged over at least
+`_MIN_READS_FOR_BAD_FRACTION` reads, so one bad file at the start does not stop a run). A place
+none of whose images decode is an error.
+
+Batches are dicts of numpy arrays:
+  images          uint8 [P_local, K, H, W, 3]
+  labels          int32 [P_local, K]  (global place ids)
+  num_bad_images  int32 []            (host-side bookkeeping; do not send it to the device)
+
+Checkpointing. `TrainIterator.get_state()` is a small JSON-serialisable dict (the next step and
+the bad-image counters); `set_state()` on a fresh iterator continues with exactly the batches the
+uninterrupted run would have produced.
+
+Nothing here imports JAX (grain itself may import it; the workers never initialise a backend).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterator
+
+from absl import logging
+import grain
+import numpy as np
+
+from vpr_jax.data import augment
+from vpr_jax.data import images
+from vpr_jax.data.gsv_cities import PlaceIndex
+
+_STATE_VERSION = 1
+# Random-stream tags: the epoch order and the per-place draws never share a stream.
+_ORDER_STREAM = 1
+_PLACE_STREAM = 2
+# The bad-image fraction is judged over at least this many reads (or one epoch, if smaller).
+_MIN_READS_FOR_BAD_FRACTION = 1000
+_MAX_AUTO_WORKERS = 16
+
+
+class TooManyBadImagesError(RuntimeError):
+  """More training images failed to decode than data.max_bad_image_fraction allows."""
+
+
+def _seed64(seed: int) -> int:
+  # SeedSequence wants non-negative integers; keep every int seed usable.
+  return int(seed) % 2**64
+
+
+def resolve_num_workers(num_workers: int) -> int:
+  """-1 -> one worker per available CPU core, at most 16; otherwise the value itself (>= 0)."""
+  num_workers = int(num_workers)
+  if num_workers == -1:
+    try:
+      cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+      cores = os.cpu_count() or 1
+    return min(cores, _MAX_AUTO_WORKERS)
+  if num_workers < 0:
+    raise ValueError(f'data.num_workers must be -1 (automatic) or >= 0, got {num_workers}.')
+  return num_workers
+
+
+def places_per_process(config, process_count: int = 1) -> int:
+  """P_local = data.places_per_batch // process_count (which must divide it)."""
+  places = int(config.data.places_per_batch)
+  if places <= 0:
+    raise ValueError(f'data.places_per_batch must be positive, got {places}.')
+  if process_count <= 0 or places % process_count:
+    raise ValueError(f'data.places_per_batch={places} must be divisible by the number of '
+                     f'processes ({process_count}): each process takes an equal share of every '
+                     'global batch.')
+  return places // process_count
+
+
+def steps_per_epoch(index: PlaceIndex, config, process_count: int = 1) -> int:
+  """Global batches per epoch: num_places // places_per_batch (the last incomplete one dropped).
+
+  Args:
+    index: the place index.
+    config: the run's ConfigDict (data.places_per_batch).
+    process_count: number of processes (checked to divide places_per_batch).
+
+  Returns:
+    Steps per epoch, the same on every process.
+  """
+  places_per_process(config, process_count)
+  steps = index.num_places // int(config.data.places_per_batch)
+  if steps == 0:
+    raise ValueError(f'The training set has {index.num_places} places, fewer than '
+                     f'data.places_per_batch={config.data.places_per_batch}: not one batch.')
+  return steps
+
+
+def epoch_place_order(index: PlaceIndex, seed: int, epoch: int, shuffle_all: bool) -> np.ndarray:
+  """The order in which epoch `epoch` visits the places (positions in `index.place_ids`).
+
+  Args:
+    index: the place index.
+    seed: the run's seed.
+    epoch: epoch number (0-based).
+    shuffle_all: True shuffles all places; False shuffles within each city and keeps the cities'
+      blocks in config order.
+
+  Returns:
+    int64 [num_places], a permutation of range(num_places).
+  """
+  rng = np.random.default_rng([_seed64(seed), _ORDER_STREAM, int(epoch)])
+  if shuffle_all:
+    return rng.permutation(index.num_places).astype(np.int64)
+  return np.concatenate([start + rng.permutation(stop - start)
+                         for start, stop in index.city_place_ranges()]).astype(np.int64)
+
+
+def place_image_order(index: PlaceIndex, place: int, rng: np.random.Generator,
+                      random_sample: bool) -> np.ndarray:
+  """All images of a place in the order they are used: the first K form the sample.
+
+  Args:
+    index: the place index.
+    place: place position.
+    rng: the element's Generator.
+    random_sample: True: a uniform random order (so the first K are drawn without replacement);
+      False: most recent first (date, then latitude, both descending, as the reference sorts).
+
+  Returns:
+    int64 flat image numbers.
+  """
+  members = index.place_images(place)
+  if random_sample:
+    return members[rng.permutation(len(members))]
+  # lexsort sorts ascending by the last key first; negate for descending; stable by position.
+  order = np.lexsort((-index.image_lats[members], -index.image_dates[members].astype(np.int64)))
+  return members[order]
+
+
+class _EpochPlaceSource:
+  """grain data source: local element number -> (epoch, place position).
+
+  Element j of this process is slot j % P_local of local batch j // P_local; local batch b is
+  global batch b % steps_per_epoch of epoch b // steps_per_epoch.
+  """
+
+  def __init__(self, index: PlaceIndex, seed: int, shuffle_all: bool, num_epochs: int,
+               steps: int, places_global: int, places_local: int, process_index: int):
+    self._index = index
+    self._seed = seed
+    self._shuffle_all = shuffle_all
+    self._num_epochs = num_epochs
+    self._steps = steps
+    self._places_global = places_global
+    self._places_local = places_local
+    self._process_index = process_index
+    self._orders = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_orders'] = {}
+    del state['_lock']
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return self._num_epochs * self._steps * self._places_local
+
+  def _order(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      order = self._orders.get(epoch)
+      if order is None:
+        order = epoch_place_order(self._index, self._seed, epoch, self._shuffle_all)
+        # Workers move through epochs in order; two are kept for batches straddling a boundary.
+        if len(self._orders) >= 2:
+          self._orders.pop(min(self._orders))
+        self._orders[epoch] = order
+      return order
+
+  def __getitem__(self, element: int) -> np.ndarray:
+    local_batch, slot = divmod(int(element), self._places_local)
+    epoch, step = divmod(local_batch, self._steps)
+    position = step * self._places_global + self._process_index * self._places_local + slot
+    return np.array([epoch, self._order(epoch)[position]], dtype=np.int64)
+
+
+class _LoadPlace:
+  """grain map: (epoch, place) -> K decoded, resized, augmented images and their labels."""
+
+  def __init__(self, index: PlaceIndex, seed: int, images_per_place: int, random_sample: bool,
+               transform: augment.TrainTransform):
+    self._index = index
+    self._seed = seed
+    self._k = images_per_place
+    self._random_sample = random_sample
+    self._transform = transform
+
+  def __call__(self, element: np.ndarray) -> dict[str, np.ndarray]:
+    epoch, place = int(element[0]), int(element[1])
+    index = self._index
+    rng = np.random.default_rng([_seed64(self._seed), _PLACE_STREAM, epoch, place])
+    candidates = place_image_order(index, place, rng, self._random_sample)
+    label = int(index.place_ids[place])
+    decoded, out, bad = [], [], 0
+    for image in candidates:
+      if len(out) == self._k:
+        break
+      path = index.image_path(int(image))
+      try:
+        img = images.load_rgb(path)
+      except images.ImageDecodeError as e:
+        bad += 1
+        logging.warning('Skipping undecodable training image (place %d): %s', label, e)
+        continue
+      decoded.append(img)
+      out.append(self._transform(img, rng))
+    if not decoded:
+      paths = [index.image_path(int(i)) for i in candidates]
+      raise images.ImageDecodeError(
+          paths[0], f'none of the {len(paths)} images of place {label} could be decoded '
+          f'({", ".join(paths)})')
+    while len(out) < self._k:
+      out.append(self._transform(decoded[len(out) % len(decoded)], rng))
+    return {
+        'images': np.stack(out),
+        'labels': np.full((self._k,), label, dtype=np.int32),
+        'num_bad_images': np.int32(bad),
+    }
+
+
+def _unwrap_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Drops the size-1 leading axis added for the shared-memory transfer; sums bad images."""
+  return {
+      'images': np.asarray(batch['images'][0]),
+      'labels': np.asarray(batch['labels'][0]),
+      'num_bad_images': np.int32(np.sum(batch['num_bad_images'])),
+  }
+
+
+class TrainIterator:
+  """Iterates over the training batches of all epochs; checkpointable.
+
+  Use `next(it)`; `get_state()` / `set_state()` save and restore the position; `close()` (or a
+  `with` block) stops the worker processes.
+
+  Attributes:
+    steps_per_epoch: global batches per epoch.
+    num_steps: total batches (num_epochs * steps_per_epoch).
+    places_per_batch: P_local, places in each batch of this process.
+    images_per_place: K.
+    num_workers: grain worker processes (0: in this process).
+  """
+
+  def __init__(self, batches: grain.MapDataset, *, steps_per_epoch: int, num_steps: int,
+               places_per_batch: int, images_per_place: int, num_workers: int,
+               prefetch_buffer_size: int, max_bad_image_fraction: float,
+               fingerprint: dict[str, Any]):
+    self._batches = batches
+    self.steps_per_epoch = steps_per_epoch
+    self.num_steps = num_steps
+    self.places_per_batch = places_per_batch
+    self.images_per_place = images_per_place
+    self.num_workers = num_workers
+    self._prefetch = prefetch_buffer_size
+    self._max_bad_fraction = float(max_bad_image_fraction)
+    self._fingerprint = fingerprint
+    self._next_step = 0
+    self._images_read = 0
+    self._bad_images = 0
+    self._iterator = None
+
+  @property
+  def next_step(self) -> int:
+    """Number of batches delivered so far (the step the next batch belongs to)."""
+    return self._next_step
+
+  @property
+  def epoch(self) -> int:
+    """Epoch of the next batch."""
+    return self._next_step // self.steps_per_epoch
+
+  def _start(self) -> Iterator[dict[str, np.ndarray]]:
+    remaining = self._batches[self._next_step:]
+    if self.num_workers == 0:
+      ds = remaining.to_iter_dataset(grain.ReadOptions(
+          num_threads=1, prefetch_buffer_size=self._prefetch))
+      ds = ds.batch(1)
+    else:
+      ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+      # A final IterDataset.batch lets grain hand batches over in shared memory.
+      ds = ds.batch(1).mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers, per_worker_buffer_size=self._prefetch))
+    return iter(ds.map(_unwrap_batch))
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._next_step >= self.num_steps:
+      raise StopIteration
+    if self._iterator is None:
+      self._iterator = self._start()
+    batch = next(self._iterator)
+    self._next_step += 1
+    bad = int(batch['num_bad_images'])
+    self._bad_images += bad
+    self._images_read += self.places_per_batch * self.images_per_place + bad
+    self._check_bad_fraction()
+    return batch
+
+  def _check_bad_fraction(self):
+    if not self._bad_images:
+      return
+    epoch_reads = self.steps_per_epoch * self.places_per_batch * self.images_per_place
+    judged_over = max(self._images_read, min(_MIN_READS_FOR_BAD_FRACTION, epoch_reads))
+    if self._bad_images > self._max_bad_fraction * judged_over:
+      raise TooManyBadImagesError(
+          f'{self._bad_images} of {self._images_read} training image reads failed to decode '
+          f'(step {self._next_step}), more than data.max_bad_image_fraction='
+          f'{self._max_bad_fraction:g} allows. The warnings above name the files; fix or remove '
+          'them (and rebuild the index with data.rebuild_index=True), or raise the limit.')
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable position: the next step and the bad-image counters."""
+    return {
+        'version': _STATE_VERSION,
+        'next_step': self._next_step,
+        'images_read': self._images_read,
+        'bad_images': self._bad_images,
+        'fingerprint': dict(self._fingerprint),
+    }
+
+  def set_state(self, state: dict[str, Any]):
+    """Continues from a `get_state()` result (of an iterator over the same data and settings).
+
+    Args:
+      state: the saved state.
+
+    Raises:
+      ValueError: the state is malformed or comes from a different dataset or batch layout.
+    """
+    if not isinstance(state, dict) or state.get('version') != _STATE_VERSION:
+      raise ValueError(f'Not a train iterator state of version {_STATE_VERSION}: {state!r}.')
+    saved = state.get('fingerprint', {})
+    differing = sorted(k for k in set(saved) | set(self._fingerprint)
+                       if saved.get(k) != self._fingerprint.get(k))
+    if differing:
+      details = ', '.join(f'{k}: saved {saved.get(k)!r}, now {self._fingerprint.get(k)!r}'
+                          for k in differing)
+      raise ValueError('The saved data iterator state belongs to a different training set or '
+                       f'batch layout ({details}); it cannot resume this one.')
+    next_step = int(state['next_step'])
+    if not 0 <= next_step <= self.num_steps:
+      raise ValueError(f'Saved next_step={next_step} is outside [0, {self.num_steps}] '
+                       '(data.num_epochs * steps per epoch).')
+    self.close()
+    self._next_step = next_step
+    self._images_read = int(state['images_read'])
+    self._bad_images = int(state['bad_images'])
+
+  def close(self):
+    """Stops the worker processes (a later `next` starts new ones at the same position)."""
+    iterator, self._iterator = self._iterator, None
+    if iterator is not None and hasattr(iterator, 'close'):
+      iterator.close()
+
+  def __enter__(self) -> 'TrainIterator':
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int = 0,
+                        process_count: int = 1, num_workers: int | None = None) -> TrainIterator:
+  """The training batches of this process over all `config.num_epochs` epochs.
+
+  Args:
+    index: the place index (`gsv_cities.build_place_index`).
+    config: the run's ConfigDict (image_size, num_epochs, data.*).
+    seed: seeds the epoch orders, the image draws and the augmentation.
+    process_index: this process's position among `process_count`.
+    process_count: number of processes sharing each global batch.
+    num_workers: grain worker processes; None takes config.data.num_workers (-1: one per core, at
+      most 16); 0 reads in this process.
+
+  Returns:
+    A TrainIterator yielding the batches described in the module doc.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in [0, {process_count}).')
+  data = config.data
+  places_local = places_per_process(config, process_count)
+  steps = steps_per_epoch(index, config, process_count)
+  k = int(data.images_per_place)
+  if k <= 0:
+    raise ValueError(f'data.images_per_place must be positive, got {k}.')
+  smallest = int(index.images_per_place.min())
+  if k > smallest:
+    raise ValueError(f'data.images_per_place={k} exceeds the images of the smallest place '
+                     f'({smallest}); set data.min_img_per_place >= {k} and rebuild the index.')
+  num_epochs = int(config.num_epochs)
+  if num_epochs <= 0:
+    raise ValueError(f'num_epochs must be positive, got {num_epochs}.')
+  max_bad = float(data.max_bad_image_fraction)
+  if not 0.0 <= max_bad <= 1.0:
+    raise ValueError(f'data.max_bad_image_fraction must be in [0, 1], got {max_bad}.')
+  prefetch = int(data.prefetch_buffer_size)
+  if prefetch <= 0:
+    raise ValueError(f'data.prefetch_buffer_size must be positive, got {prefetch}.')
+  workers = resolve_num_workers(data.num_workers if num_workers is None else num_workers)
+
+  source = _EpochPlaceSource(index, seed, bool(data.shuffle_all), num_epochs, steps,
+                             int(data.places_per_batch), places_local, process_index)
+  loader = _LoadPlace(index, seed, k, bool(data.random_sample_from_each_place),
+                      augment.make_train_transform(config))
+  batches = (grain.MapDataset.source(source).map(loader)
+             .batch(places_local, drop_remainder=True))
+  fingerprint = {
+      'index': index.fingerprint,
+      'seed': int(seed),
+      'places_per_batch': int(data.places_per_batch),
+      'images_per_place': k,
+      'process_index': int(process_index),
+      'process_count': int(process_count),
+      'shuffle_all': bool(data.shuffle_all),
+      'random_sample_from_each_place': bool(data.random_sample_from_each_place),
+  }
+  return TrainIterator(batches, steps_per_epoch=steps, num_steps=num_epochs * steps,
+                       places_per_batch=places_local, images_per_place=k, num_workers=workers,
+                       prefetch_buffer_size=prefetch, max_bad_image_fraction=max_bad,
+                       fingerprint=fingerprint)

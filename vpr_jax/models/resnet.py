@@ -1,0 +1,312 @@
+"""ResNet backbones laid out exactly as torchvision's, in NHWC, with cropping and freezing.
+
+The module tree mirrors torchvision's names so that checkpoints convert one to one:
+`conv1`, `bn1`, `layer1`..`layer4`, each stage holding blocks named '0', '1', ..., each block
+holding `conv1`, `bn1`, `conv2`, `bn2` (`conv3`, `bn3` for bottlenecks) and, where the shape
+changes, `downsample_conv` + `downsample_bn` (torchvision's `downsample.0` / `downsample.1`).
+
+Stage indices follow the gsv-cities family: stage 0 is the stem (conv1 + bn1), stages 1-4 are
+layer1..layer4. `layers_to_crop` removes stages from the end; `layers_to_freeze` = k freezes stages
+0..k (-1 freezes nothing).
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# (block kind, blocks per stage) per depth, as torchvision builds them.
+RESNET_SPECS = {
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+}
+STAGE_NAMES = ('layer1', 'layer2', 'layer3', 'layer4')
+# Names of the top-level modules of each freezable stage (0: stem, 1..3: layer1..layer3).
+FREEZABLE_STAGES = {0: ('conv1', 'bn1'), 1: ('layer1',), 2: ('layer2',), 3: ('layer3',)}
+_STAGE_WIDTHS = (64, 128, 256, 512)
+_EXPANSION = {'basic': 1, 'bottleneck': 4}
+
+# torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), an untruncated normal.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _check_depth(depth: int) -> None:
+  if depth not in RESNET_SPECS:
+    raise ValueError(f'Unsupported ResNet depth {depth!r}; valid depths: {sorted(RESNET_SPECS)}.')
+
+
+def _check_crop(layers_to_crop: Sequence[int]) -> tuple[int, ...]:
+  crop = tuple(sorted(int(i) for i in layers_to_crop))
+  if crop not in ((), (4,), (3, 4)):
+    raise ValueError(
+        f'layers_to_crop={tuple(layers_to_crop)!r} is not supported: use (), (4,) or (3, 4) '
+        '(stages are removed from the end of the network).')
+  return crop
+
+
+def kept_stages(layers_to_crop: Sequence[int]) -> tuple[str, ...]:
+  """Names of the residual stages kept after cropping, e.g. ('layer1', 'layer2', 'layer3')."""
+  crop = _check_crop(layers_to_crop)
+  return tuple(name for i, name in enumerate(STAGE_NAMES, start=1) if i not in crop)
+
+
+def resnet_out_channels(depth: int, layers_to_crop: Sequence[int] = ()) -> int:
+  """Channels of the last kept stage.
+
+  Args:
+    depth: 18, 34, 50 or 101.
+    layers_to_crop: stages removed from the end, () / (4,) / (3, 4).
+
+  Returns:
+    The channel count of the backbone output (ResNet-18 with (4,): 256).
+  """
+  _check_depth(depth)
+  block, _ = RESNET_SPECS[depth]
+  last = len(kept_stages(layers_to_crop))
+  return _STAGE_WIDTHS[last - 1] * _EXPANSION[block]
+
+
+def _halve(size: int) -> int:
+  # Output size of every stride-2 op in the network (7x7 pad 3, 3x3 pad 1): floor((n-1)/2)+1.
+  return (size - 1) // 2 + 1
+
+
+def resnet_out_hw(image_size: Sequence[int], layers_to_crop: Sequence[int] = ()) -> tuple[int, int]:
+  """Spatial size of the backbone output for an input of `image_size` (H, W).
+
+  Args:
+    image_size: input height and width in pixels.
+    layers_to_crop: stages removed from the end.
+
+  Returns:
+    (h, w) of the last kept stage (224x224 with (4,): 14x14).
+  """
+  # conv1, maxpool, then one stride-2 stage per kept stage after layer1.
+  num_halvings = 2 + len(kept_stages(layers_to_crop)) - 1
+  h, w = (int(s) for s in image_size)
+  for _ in range(num_halvings):
+    h, w = _halve(h), _halve(w)
+  return h, w
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm2d with torchvision semantics over the N, H, W axes of NHWC inputs.
+
+  Unlike flax.linen.BatchNorm, the running variance is updated with the unbiased batch variance
+  (as torch does) and the variance is computed in two passes; statistics are float32 whatever the
+  compute dtype.
+
+  Attributes:
+    momentum: running-statistics decay in flax terms (0.9 == torch momentum 0.1).
+    epsilon: added to the variance.
+    dtype: output dtype.
+    use_running_stats_in_train: normalise with (and keep) the running statistics in train mode.
+    axis_name: pmap axis to average batch statistics over (None under jit, where XLA's SPMD
+      partitioner already reduces over the global batch).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  use_running_stats_in_train: bool = False
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    features = x.shape[-1]
+    # Statistics in at least float32 (float64 inputs keep float64).
+    stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+
+    if train and not self.use_running_stats_in_train:
+      xs = x.astype(stats_dtype)
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xs, axis=axes)
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
+      var = jnp.mean(jnp.square(xs - mean), axis=axes)
+      if self.axis_name is not None:
+        var = jax.lax.pmean(var, self.axis_name)
+      if not self.is_initializing():
+        count = x.size // features
+        if self.axis_name is not None:
+          count = count * jax.lax.psum(1, self.axis_name)
+        # torch tracks the unbiased variance while normalising with the biased one.
+        unbiased = var * (count / jnp.maximum(count - 1, 1))
+        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+
+    # One per-channel multiply-add (folded in float32) instead of four elementwise passes.
+    multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+    shift = bias - mean * multiplier
+    y = x.astype(stats_dtype) * multiplier + shift
+    return y.astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str):
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)), use_bias=False, dtype=dtype,
+      param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
+
+
+class BasicBlock(nn.Module):
+  """torchvision BasicBlock: 3x3 (stride) -> 3x3, identity or 1x1 downsample shortcut."""
+  features: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+  frozen_bn: bool = False
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    bn = lambda name: BatchNorm(dtype=self.dtype, use_running_stats_in_train=self.frozen_bn,
+                                axis_name=self.bn_axis_name, name=name)
+    y = _conv(self.features, 3, self.stride, 1, self.dtype, 'conv1')(x)
+    y = nn.relu(bn('bn1')(y, train))
+    y = _conv(self.features, 3, 1, 1, self.dtype, 'conv2')(y)
+    y = bn('bn2')(y, train)
+    shortcut = x
+    if self.downsample:
+      shortcut = _conv(self.features, 1, self.stride, 0, self.dtype, 'downsample_conv')(x)
+      shortcut = bn('downsample_bn')(shortcut, train)
+    return nn.relu(y + shortcut)
+
+
+class Bottleneck(nn.Module):
+  """torchvision Bottleneck (v1.5): 1x1 -> 3x3 (stride) -> 1x1 (x4), 1x1 downsample shortcut."""
+  features: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+  frozen_bn: bool = False
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    bn = lambda name: BatchNorm(dtype=self.dtype, use_running_stats_in_train=self.frozen_bn,
+                                axis_name=self.bn_axis_name, name=name)
+    out_features = self.features * _EXPANSION['bottleneck']
+    y = _conv(self.features, 1, 1, 0, self.dtype, 'conv1')(x)
+    y = nn.relu(bn('bn1')(y, train))
+    y = _conv(self.features, 3, self.stride, 1, self.dtype, 'conv2')(y)
+    y = nn.relu(bn('bn2')(y, train))
+    y = _conv(out_features, 1, 1, 0, self.dtype, 'conv3')(y)
+    y = bn('bn3')(y, train)
+    shortcut = x
+    if self.downsample:
+      shortcut = _conv(out_features, 1, self.stride, 0, self.dtype, 'downsample_conv')(x)
+      shortcut = bn('downsample_bn')(shortcut, train)
+    return nn.relu(y + shortcut)
+
+
+class ResNetStage(nn.Module):
+  """One torchvision `layerN`: blocks named '0', '1', ...; the first one strides/downsamples."""
+  block: str
+  num_blocks: int
+  features: int
+  stride: int
+  in_features: int
+  dtype: Any = jnp.float32
+  frozen_bn: bool = False
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    block_cls = BasicBlock if self.block == 'basic' else Bottleneck
+    out_features = self.features * _EXPANSION[self.block]
+    for i in range(self.num_blocks):
+      first = i == 0
+      x = block_cls(
+          features=self.features,
+          stride=self.stride if first else 1,
+          downsample=first and (self.stride != 1 or self.in_features != out_features),
+          dtype=self.dtype, frozen_bn=self.frozen_bn, bn_axis_name=self.bn_axis_name,
+          name=str(i))(x, train)
+    return x
+
+
+class ResNet(nn.Module):
+  """torchvision ResNet-18/34/50/101 without avgpool/fc, NHWC, returning every stage's output.
+
+  Attributes:
+    depth: 18, 34, 50 or 101.
+    layers_to_crop: stages removed from the end: (), (4,) or (3, 4).
+    layers_to_freeze: -1 (none) or k in 0..3: stages 0..k get no gradient
+      (`jax.lax.stop_gradient` on the output of stage k, so no backward pass runs through them).
+      Their parameters must also be masked out of the optimizer (see `frozen_param_mask`).
+    freeze_bn_stats: frozen stages' BatchNorms use and keep their running statistics in train mode
+      (default False, as the gsv-cities family: they use batch statistics and update the running
+      ones).
+    dtype: compute dtype (parameters and BatchNorm statistics stay float32).
+    bn_axis_name: pmap axis name for cross-device batch statistics (None under jit).
+  """
+  depth: int = 18
+  layers_to_crop: Sequence[int] = ()
+  layers_to_freeze: int = -1
+  freeze_bn_stats: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  def frozen_bn_stages(self) -> tuple[str, ...]:
+    """Top-level module names whose BatchNorms run on running statistics in train mode."""
+    if not self.freeze_bn_stats:
+      return ()
+    names = []
+    for stage in range(self.layers_to_freeze + 1):
+      names.extend(FREEZABLE_STAGES[stage])
+    return tuple(names)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """Runs the backbone.
+
+    Args:
+      x: normalised images [B, H, W, 3].
+      train: batch statistics (and running-stat updates) in BatchNorm when True.
+
+    Returns:
+      Dict with 'stem' (after conv1/bn1/relu/maxpool), each kept 'layerN', and 'features'
+      (the last kept stage).
+    """
+    _check_depth(self.depth)
+    stages = kept_stages(self.layers_to_crop)
+    if not -1 <= self.layers_to_freeze <= 3:
+      raise ValueError(f'layers_to_freeze must be in -1..3, got {self.layers_to_freeze!r}.')
+    frozen_bn = set(self.frozen_bn_stages())
+    block, blocks_per_stage = RESNET_SPECS[self.depth]
+
+    # Freezing a cropped stage freezes everything that is kept (only the aggregator trains).
+    last_frozen = min(self.layers_to_freeze, len(stages))
+
+    def freeze_point(stage_index, y):
+      return jax.lax.stop_gradient(y) if stage_index == last_frozen else y
+
+    x = x.astype(self.dtype)
+    x = _conv(64, 7, 2, 3, self.dtype, 'conv1')(x)
+    x = BatchNorm(dtype=self.dtype, use_running_stats_in_train='bn1' in frozen_bn,
+                  axis_name=self.bn_axis_name, name='bn1')(x, train)
+    x = nn.relu(x)
+    # flax pads max_pool with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = freeze_point(0, x)
+    outputs = {'stem': x}
+    in_features = 64
+    for i, name in enumerate(stages):
+      x = ResNetStage(
+          block=block, num_blocks=blocks_per_stage[i], features=_STAGE_WIDTHS[i],
+          stride=1 if i == 0 else 2, in_features=in_features, dtype=self.dtype,
+          frozen_bn=name in frozen_bn, bn_axis_name=self.bn_axis_name, name=name)(x, train)
+      x = freeze_point(i + 1, x)
+      outputs[name] = x
+      in_features = _STAGE_WIDTHS[i] * _EXPANSION[block]
+    outputs['features'] = x
+    return outputs
