@@ -300,8 +300,8 @@ def test_error_city_not_found_lists_cities(gsv_root, tmp_path):
 
 def test_error_csv_missing_columns(gsv_root, tmp_path):
   path = _rewrite_csv(gsv_root, 'Alpha', lambda rows: [r[:3] + r[4:] for r in rows])
-  _assert_error(gsv_root, 'gsv_cities', ['Alpha'], rf"{re.escape(path)}: missing columns \['northdeg'\]",
-                tmp_path)
+  _assert_error(gsv_root, 'gsv_cities', ['Alpha'],
+                rf"{re.escape(path)}: missing columns \['northdeg'\]", tmp_path)
 
 
 @pytest.mark.parametrize('column,value,message', [
@@ -318,7 +318,8 @@ def test_error_csv_bad_value_names_file_and_line(gsv_root, tmp_path, column, val
     return rows
 
   path = _rewrite_csv(gsv_root, 'Alpha', edit)
-  _assert_error(gsv_root, 'gsv_cities', ['Alpha'], rf'{re.escape(path)}, line 4: {message}', tmp_path)
+  _assert_error(gsv_root, 'gsv_cities', ['Alpha'], rf'{re.escape(path)}, line 4: {message}',
+                tmp_path)
 
 
 def test_error_csv_without_rows(gsv_root, tmp_path):
@@ -332,8 +333,8 @@ def test_error_image_of_a_row_missing(gsv_root, tmp_path):
   folder = os.path.join(gsv_root, 'Images', 'Alpha')
   victim = sorted(os.listdir(folder))[2]
   os.remove(os.path.join(folder, victim))
-  _assert_error(gsv_root, 'gsv_cities', ['Alpha'], rf'1 images named by .*Alpha.csv.*{re.escape(victim)}',
-                tmp_path)
+  _assert_error(gsv_root, 'gsv_cities', ['Alpha'],
+                rf'1 images named by .*Alpha.csv.*{re.escape(victim)}', tmp_path)
 
 
 def test_error_conflicting_rows(gsv_root, tmp_path):

@@ -270,9 +270,9 @@ def test_bad_images_replaced_counted_and_named(tmp_path, caplog):
   for place_id, count in {0: 4, 1: 4, 2: 4, 3: 4}.items():
     for v in range(count):
       level = 10 + 20 * place_id + 4 * v
-      Image.new('RGB', (SIZE, SIZE), (level,) * 3).save(
-          os.path.join(root, 'alpha', _xs_name(f'{place_id}_Alpha', 2010 + v, 1, f'p{place_id}v{v}')),
-          quality=100)
+      name = _xs_name(f'{place_id}_Alpha', 2010 + v, 1, f'p{place_id}v{v}')
+      Image.new('RGB', (SIZE, SIZE), (level,) * 3).save(os.path.join(root, 'alpha', name),
+                                                       quality=100)
   index = gsv_cities.build_place_index(root, 'gsv_xs', ['Alpha'], 4)
   # Place 2 keeps two good images: each epoch both bad ones are tried, and one good one is reused.
   bad_paths = [index.image_path(i) for i in index.place_images(2)[:2]]
@@ -293,7 +293,8 @@ def test_bad_images_replaced_counted_and_named(tmp_path, caplog):
   strict = train_pipeline.make_train_iterator(index, _config(cities=('Alpha',),
                                                              max_bad_image_fraction=0.01),
                                               seed=0, num_workers=0)
-  with pytest.raises(train_pipeline.TooManyBadImagesError, match='2 of 14 training image reads .*0.01'):
+  with pytest.raises(train_pipeline.TooManyBadImagesError,
+                     match='2 of 14 training image reads .*0.01'):
     next(strict)
 
   for path in [index.image_path(i) for i in index.place_images(2)[2:]]:

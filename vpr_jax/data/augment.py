@@ -67,20 +67,19 @@ def augmentation_space(num_bins: int, image_size: Sequence[int]) -> dict[str, tu
   """
   height, width = int(image_size[0]), int(image_size[1])
   zero = np.zeros((), dtype=np.float32)
-  ramp = lambda end: _linspace_float32(0.0, end, num_bins)  # pylint: disable=unnecessary-lambda-assignment
   posterize_bits = 8 - np.round(np.arange(num_bins, dtype=np.float32) /
                                 np.float32((num_bins - 1) / 4)).astype(np.int32)
   return {
       'Identity': (zero, False),
-      'ShearX': (ramp(0.3), True),
-      'ShearY': (ramp(0.3), True),
-      'TranslateX': (ramp(150.0 / 331.0 * width), True),
-      'TranslateY': (ramp(150.0 / 331.0 * height), True),
-      'Rotate': (ramp(30.0), True),
-      'Brightness': (ramp(0.9), True),
-      'Color': (ramp(0.9), True),
-      'Contrast': (ramp(0.9), True),
-      'Sharpness': (ramp(0.9), True),
+      'ShearX': (_linspace_float32(0.0, 0.3, num_bins), True),
+      'ShearY': (_linspace_float32(0.0, 0.3, num_bins), True),
+      'TranslateX': (_linspace_float32(0.0, 150.0 / 331.0 * width, num_bins), True),
+      'TranslateY': (_linspace_float32(0.0, 150.0 / 331.0 * height, num_bins), True),
+      'Rotate': (_linspace_float32(0.0, 30.0, num_bins), True),
+      'Brightness': (_linspace_float32(0.0, 0.9, num_bins), True),
+      'Color': (_linspace_float32(0.0, 0.9, num_bins), True),
+      'Contrast': (_linspace_float32(0.0, 0.9, num_bins), True),
+      'Sharpness': (_linspace_float32(0.0, 0.9, num_bins), True),
       'Posterize': (posterize_bits.astype(np.float32), False),
       'Solarize': (_linspace_float32(255.0, 0.0, num_bins), False),
       'AutoContrast': (zero, False),

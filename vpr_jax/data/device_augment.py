@@ -380,7 +380,10 @@ def _lut_family(images: jax.Array, image_f32: jax.Array, gray: jax.Array, op: ja
   values = jnp.arange(256, dtype=jnp.float32)
   f = factor[:, None]
   brightness = _truncate_to_uint8(values * f)  # [N, 256]
-  mean = jnp.mean(gray, axis=(1, 2, 3))[:, None]
+  # The grey values are integers, so an integer sum is exact (torchvision sums in float32, exact
+  # below 2**24, i.e. for images of up to ~65k pixels).
+  gray_sum = jnp.sum(gray.astype(jnp.int32).reshape(n, -1), axis=1)
+  mean = (gray_sum.astype(jnp.float32) / np.float32(h * w))[:, None]
   contrast = _truncate_to_uint8(values * f + mean * other_weight[:, None])
   ints = jnp.arange(256, dtype=jnp.int32)
   posterize = (ints & tables.posterize_mask).astype(jnp.uint8)

@@ -214,7 +214,8 @@ def _parse_int(text: str, column: str, path: str, line: int | None, low: int, hi
   try:
     value = int(text.strip())
   except ValueError:
-    raise DatasetError(f'{_where(path, line)}: {column} must be an integer, got {text!r}.') from None
+    raise DatasetError(
+        f'{_where(path, line)}: {column} must be an integer, got {text!r}.') from None
   if not low <= value <= high:
     raise DatasetError(
         f'{_where(path, line)}: {column} must be in [{low}, {high}], got {value}.')
@@ -225,7 +226,8 @@ def _parse_float(text: str, column: str, path: str, line: int | None, bound: flo
   try:
     value = float(text.strip())
   except ValueError:
-    raise DatasetError(f'{_where(path, line)}: {column} must be a number, got {text!r}.') from None
+    raise DatasetError(
+        f'{_where(path, line)}: {column} must be a number, got {text!r}.') from None
   if not math.isfinite(value) or abs(value) > bound:
     raise DatasetError(
         f'{_where(path, line)}: {column} must be a finite number within +-{bound}, got {text!r}.')
@@ -345,14 +347,13 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
 
 def _parse_xs_name(name: str, path: str) -> tuple[str, str, int, float]:
   """Returns (place field, panoid, year * 100 + month, lat) of a GSV-XS file name."""
-  stem, ext = os.path.splitext(name)
+  ext = os.path.splitext(name)[1]
   tokens = name.split('@')
   if (ext.lower() not in _IMAGE_EXTENSIONS or len(tokens) != 16 or tokens[0] or
       tokens[-1].lower() not in _IMAGE_EXTENSIONS):
     raise DatasetError(
         f'File name {path!r} does not parse as a GSV-XS image name '
         '@UTM_east@UTM_north@zone@band@lat@lon@panoid@@northdeg@@@@YYYYMM@place_id@.jpg.')
-  del stem
   for i, field, bound in ((1, 'UTM_east', 1e8), (2, 'UTM_north', 1e8), (5, 'lat', 90.0),
                           (6, 'lon', 180.0)):
     _parse_float(tokens[i], field, path, None, bound)
