@@ -81,6 +81,10 @@ def get_config():
   # Where the place index is cached ('' = <train_dir>/.vpr_jax_cache); rebuild forces a new one.
   data.cache_dir = ''
   data.rebuild_index = False
+  # Prepared training images (`python -m vpr_jax.prepare`): folder relative to data.root or
+  # absolute; the place index and the JPEGs are then read from its ArrayRecord shards instead of
+  # data.train_dir. '' reads the original images.
+  data.prepared_dir = ''
   # Train augmentation: 'randaugment' (CPU, torchvision semantics), 'device' (on the
   # accelerator inside the step) or 'none'.
   data.augment = 'randaugment'

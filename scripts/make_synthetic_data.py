@@ -1,7 +1,7 @@
 """Writes a synthetic VPR dataset (training cities and benchmark splits) for demos and tests.
 
 Example (the CPU demo's data, a few seconds):
-  python scripts/make_synthetic_data.py --out /tmp/vpr_data --num-train-places 300 \
+  python scripts/make_synthetic_data.py --out /tmp/vpr_data --num-train-places 1000 \
       --num-eval-places 50 --image-size 64 64
 then train with data.root=/tmp/vpr_data, data.cities=SynthA,SynthB, val_datasets=synthetic_val.
 """
@@ -21,7 +21,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', required=True, help='output folder (the data root)')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--num-train-places', type=int, default=200)
+  parser.add_argument('--num-train-places', type=int, default=1000)
   parser.add_argument('--images-per-place', type=int, default=4)
   parser.add_argument('--max-images-per-place', type=int, default=None,
                       help='if set, each training place gets a random count up to this')

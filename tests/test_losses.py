@@ -181,6 +181,19 @@ def test_degenerate_batches_match_pml(loss_name, miner_name, labels):
   _assert_matches(x, labels, loss_name, miner_name)
 
 
+@pytest.mark.parametrize('loss_name,miner_name', [
+    ('MultiSimilarityLoss', 'MultiSimilarityMiner'), ('ContrastiveLoss', 'MultiSimilarityMiner'),
+    ('MultiSimilarityLoss', 'TripletMarginMiner'), ('ContrastiveLoss', 'TripletMarginMiner'),
+    ('TripletMarginLoss', 'TripletMarginMiner')])
+def test_a_single_mined_tuple_matches_pml(loss_name, miner_name):
+  # In this batch the seed's miners find one triplet, or one positive and one negative pair:
+  # pml's pair losses then return 0, its triplet loss does not.
+  x, labels = _batch(4, 2, seed=8)
+  ref_loss, mined, metrics = _assert_matches(x, labels, loss_name, miner_name)
+  assert all(len(indices) == 1 for indices in mined)
+  assert (ref_loss > 0) == (loss_name == 'TripletMarginLoss')
+
+
 @pytest.mark.parametrize('miner_name', list(SEED_MINERS))
 def test_b_acc_and_counts_match_pml_miner_output(miner_name):
   x, labels = _batch(8, 4, seed=6)

@@ -21,6 +21,7 @@ log step and before every checkpoint: on_nonfinite='stop' ends the run naming th
 (the checkpoints hold only states from before it); 'skip' carries on and counts skipped steps.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -153,7 +154,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       'b_acc': jnp.asarray(loss_metrics.get('b_acc', jnp.nan), jnp.float32),
       # The optimiser's own step count (skipped steps do not advance it) drives its schedule.
       'lr': schedule(state.step - state.nonfinite_count),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
       'finite': finite.astype(jnp.float32),
   }
   return new_state, metrics
@@ -328,18 +329,11 @@ def _finite_or_none(value: float) -> Optional[float]:
 
 
 class _Console:
-  """tqdm progress bar on process 0 (plain logging elsewhere), printing tables above it."""
+  """Tables printed on process 0, then a tqdm progress bar (created at the first update)."""
 
   def __init__(self, total: int, initial: int, enabled: bool):
+    self.total, self.initial, self.enabled = total, initial, enabled
     self.bar = None
-    if enabled:
-      try:
-        from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
-        self.bar = tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
-                             smoothing=0.1, file=sys.stderr)
-      except ImportError:
-        self.bar = None
-    self.enabled = enabled
 
   def print(self, text: str) -> None:
     if not self.enabled:
@@ -350,10 +344,15 @@ class _Console:
       print(text, flush=True)
 
   def update(self, steps: int, postfix: Optional[Mapping[str, Any]] = None) -> None:
-    if self.bar is not None:
-      if postfix:
-        self.bar.set_postfix(postfix, refresh=False)
-      self.bar.update(steps)
+    if not self.enabled:
+      return
+    if self.bar is None:
+      from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm.tqdm(total=self.total, initial=self.initial, unit='step',
+                           dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+    if postfix:
+      self.bar.set_postfix(postfix, refresh=False)
+    self.bar.update(steps)
 
   def close(self) -> None:
     if self.bar is not None:
@@ -369,6 +368,73 @@ def _make_summary_writer(workdir: str, enabled: bool):
     logging.warning('tensorboardX is not installed: no TensorBoard event files.')
     return None
   return tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_SUBDIR))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled programs, shared by the runs of one process.
+
+
+@dataclasses.dataclass
+class _Programs:
+  """What a run compiles: kept per configuration so that later runs in the same process (resumed
+  runs, studies, tests) reuse the compiled step, initialisation and evaluation."""
+  dp: parallel.DataParallel
+  model: Any
+  eval_model: Any
+  tx: optax.GradientTransformation
+  schedule: Callable
+  init: Callable
+  train_step: Callable
+
+
+_PROGRAMS: dict[str, _Programs] = {}
+_MAX_PROGRAMS = 4
+
+# Config fields that shape the compiled programs.
+_PROGRAM_FIELDS = ('model', 'image_size', 'loss', 'optim', 'num_epochs', 'parallel',
+                   'data.augment', 'data.randaugment_num_ops', 'data.randaugment_magnitude',
+                   'data.randaugment_num_magnitude_bins')
+
+
+def clear_program_cache() -> None:
+  """Forgets the compiled programs of earlier runs (e.g. after patching the loss)."""
+  _PROGRAMS.clear()
+
+
+def _get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int) -> _Programs:
+  """Model, optimiser and compiled functions of a configuration (cached per process)."""
+  from vpr_jax.models import vpr_model  # pylint: disable=g-import-not-at-top
+  flat = json.loads(checkpointing.config_to_json(config))
+  selected = {}
+  for field in _PROGRAM_FIELDS:
+    value = flat
+    for part in field.split('.'):
+      value = value[part]
+    selected[field] = value
+  key = json.dumps({'fields': selected, 'steps_per_epoch': steps_per_epoch,
+                    'devices': [d.id for d in jax.devices()]}, sort_keys=True)
+  if key in _PROGRAMS:
+    return _PROGRAMS[key]
+
+  dp = parallel.DataParallel(config.parallel)
+  model = vpr_model.build_model(config, bn_axis_name=dp.axis_name)
+  image_size = tuple(int(s) for s in config.image_size)
+  init = jax.jit(lambda rng: vpr_model.init_variables(model, rng, image_size))
+  abstract_params = jax.eval_shape(init, jax.random.PRNGKey(0))['params']
+  frozen_mask = vpr_model.frozen_param_mask(abstract_params, int(config.model.layers_to_freeze))
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch, frozen_mask)
+  loss_fn = losses.make_loss(config.loss.name, config.loss.params, config.loss.miner_name,
+                             config.loss.miner_params)
+  augment_fn = device_rand_augment(config) if config.data.augment == 'device' else None
+  step = dp.compile_step(functools.partial(
+      train_step, model=model, loss_fn=loss_fn, schedule=schedule, axis_name=dp.axis_name,
+      augment_fn=augment_fn))
+  programs = _Programs(dp=dp, model=model, eval_model=vpr_model.build_model(config), tx=tx,
+                       schedule=schedule, init=init, train_step=step)
+  while len(_PROGRAMS) >= _MAX_PROGRAMS:
+    _PROGRAMS.pop(next(iter(_PROGRAMS)))
+  _PROGRAMS[key] = programs
+  return programs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,14 +472,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     benchmarks.resolve_benchmark_dir(name, data_root)
   train_dir = _resolve_under(data_root, config.data.train_dir)
 
-  dp = parallel.DataParallel(config.parallel)
   sizes = parallel.batch_sizes(int(config.data.places_per_batch),
                                int(config.data.images_per_place))
-  model = vpr_model.build_model(config, bn_axis_name=dp.axis_name)
-  eval_model = vpr_model.build_model(config)
-  loss_fn = losses.make_loss(config.loss.name, config.loss.params, config.loss.miner_name,
-                             config.loss.miner_params)
-
   # The checkpoint directory is checked against this config before anything is written.
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpointing.TrainCheckpointer(
@@ -432,14 +492,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   val_sets = [benchmarks.load_benchmark(name, data_root, radius_m=config.data.positive_radius_m)
               for name in config.data.val_datasets]
 
+  programs = _get_programs(config, steps_per_epoch)
+  dp, model = programs.dp, programs.model
   rng = jax.random.PRNGKey(int(config.seed))
   init_rng, train_rng = jax.random.split(rng)
-  variables = vpr_model.init_variables(model, init_rng, tuple(config.image_size))
-  variables = _load_backbone_weights(config, variables, data_root)
-  frozen_mask = vpr_model.frozen_param_mask(variables['params'],
-                                            int(config.model.layers_to_freeze))
-  tx, schedule = optim.make_optimizer(config, steps_per_epoch, frozen_mask)
-  state = create_train_state(config, model, init_rng, tx=tx, variables=variables)
+  variables = _load_backbone_weights(config, programs.init(init_rng), data_root)
+  state = create_train_state(config, model, init_rng, tx=programs.tx, variables=variables)
   host_state = jax.device_get(state)
 
   train_iter = train_pipeline.make_train_iterator(index, config, seed=int(config.seed),
@@ -488,10 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   state = dp.replicate(host_state)
   rng_on_device = train_rng
-  augment_fn = device_rand_augment(config) if config.data.augment == 'device' else None
-  p_train_step = dp.compile_step(functools.partial(
-      train_step, model=model, loss_fn=loss_fn, schedule=schedule, axis_name=dp.axis_name,
-      augment_fn=augment_fn))
+  p_train_step = programs.train_step
 
   def host_state_now():
     return _numpy_tree(dp.to_host(state))
@@ -514,7 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results = {}
     for bench in val_sets:
       result = evaluation.evaluate_dataset(
-          eval_model, variables_now, bench, tuple(config.image_size),
+          programs.eval_model, variables_now, bench, tuple(config.image_size),
           int(config.data.eval_batch_size),
           num_workers=train_pipeline.resolve_num_workers(config.data.num_workers), ns=RECALL_NS)
       recall = {str(n): float(v) for n, v in result.recall.items()}

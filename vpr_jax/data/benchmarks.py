@@ -433,7 +433,7 @@ def load_benchmark(name_or_path: str, data_root: str | None = None,
     name_or_path: a registered name (REGISTRY) or a split folder.
     data_root: the data root ('' or None: $VPR_DATA_ROOT); only needed for registered names and
       relative paths.
-    radius_m: positive radius in metres (inclusive).
+    radius_m: positive radius in metres (inclusive); not used when precomputed ground truth is.
     precomputed_prefix: path prefix of `<prefix>_{dbImages,qImages,gt}.npy` files that define the
       order and the ground truth (they may live outside the split folder).
     use_precomputed: look for such a triple inside the split folder when no prefix is given.
@@ -461,7 +461,7 @@ def load_benchmark(name_or_path: str, data_root: str | None = None,
       for path in database_paths + queries_paths:
         if path not in present and not os.path.isfile(os.path.join(split_dir, path)):
           raise MalformedDatasetError(
-              f'{precomputed_prefix}_*.npy list {path!r}, which does not exist in {split_dir!r}.')
+              f'{precomputed_prefix}_*.npy lists {path!r}, which does not exist in {split_dir!r}.')
     where = f'benchmark {name_or_path!r}'
     return BenchmarkSet(
         name=name_or_path, root=split_dir, database_paths=database_paths,

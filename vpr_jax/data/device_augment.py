@@ -8,9 +8,8 @@ and the accelerator never waits for the CPU.
 When to use which path:
 
 * `data.augment = 'randaugment'` (CPU, `vpr_jax.data.augment`): PIL images and the seed's
-  `torchvision.transforms.RandAugment` semantics, bit for bit, with the seed's per-worker random
-  streams. Use it to reproduce the seed exactly, or when the CPUs keep up (small models, few
-  accelerators, many cores).
+  `torchvision.transforms.RandAugment` on PIL images, drawn in the data workers. Use it for
+  parity with the seed, or when the CPUs keep up (small models, few accelerators, many cores).
 * `data.augment = 'device'` (this module): the same ops, magnitudes and sampling rule, computed
   like torchvision's *tensor* backend (`torchvision.transforms.v2.functional` on uint8 tensors),
   which differs from its PIL backend in rounding (PIL works in integer arithmetic, the tensor
@@ -19,18 +18,21 @@ When to use which path:
   the CPU path's. Use it for speed: decoding a pre-resized 224x224 JPEG costs ~10x less CPU than
   decode + resize + RandAugment of a 640x480 original.
 
-Exactness against torchvision's tensor backend (see tests/test_device_augment.py):
+Exactness against torchvision's tensor backend (tests/test_device_augment.py compares every op):
 
-* Posterize, Solarize, AutoContrast, Equalize, Identity and TranslateX/Y (integer shifts):
-  identical.
-* Brightness, Color, Contrast, Sharpness: float32 like torchvision, then truncated to uint8; a
-  different summation order (the Contrast mean, the Sharpness blur) or a fused multiply-add can
-  move a value that lies within ~1e-5 of an integer across it: at most 1 intensity level, on a
-  small fraction of the pixels.
-* ShearX/Y and Rotate: the same inverse matrix (float64, then float32, as torchvision builds it),
-  the same pixel-centre grid (`align_corners=False`) and round-half-to-even nearest sampling, fill
-  0. A source coordinate within float32 rounding of a .5 tie can pick the neighbouring pixel:
-  a small fraction of the pixels differ.
+* Identity, ShearX/Y, TranslateX/Y, Rotate, Brightness, Color, Sharpness, Posterize, Solarize,
+  AutoContrast, Equalize: identical on the tested images. The geometric ops use the same inverse
+  matrix (float64, then float32, as torchvision builds it), the same pixel-centre grid
+  (`align_corners=False`), round-half-to-even nearest sampling and fill 0; a source coordinate
+  within float32 rounding of a .5 tie could pick the neighbouring pixel on another backend
+  (rare: none at the tested sizes). torch's `add_(other, alpha=w)` is a fused multiply-add,
+  which XLA has no primitive for; Color's and Sharpness's results depend only on two uint8
+  inputs, so they come from a 65,536-entry table per sign computed with the fused rounding.
+* Contrast: the greyscale mean is exact (an integer sum), but the final blend is not fused here:
+  about one value in 10^6 differs by 1 intensity level.
+* XLA rewrites a division by a broadcast value as a multiplication by its reciprocal, which
+  rounds differently; the AutoContrast scale and the Contrast mean keep the true division
+  behind `lax.optimization_barrier`.
 * Solarize uses the `torchvision.transforms.RandAugment` (v1) threshold, linspace(255, 0)[bin],
   which the seed uses; v2 scales linspace(1, 0)[bin] by 255 in float32 and can differ by one
   level at a bin edge.
@@ -41,8 +43,8 @@ differs per image is lowered to a select over the outputs of *all* 14 branches, 
 work, each computed once from the step's input and selected per image:
   1. affine warp with nearest sampling (Identity, ShearX/Y, TranslateX/Y, Rotate): one gather
      with a per-image 2x3 matrix from a constant table indexed by (op, sign);
-  2. Color: blend with the greyscale image;
-  3. Sharpness: blend with the 3x3-blurred image;
+  2. Color: blend with the greyscale image (a table lookup);
+  3. Sharpness: blend with the 3x3-blurred image (a stencil and a table lookup);
   4. per-channel 256-entry lookup table (Brightness, Contrast, Posterize, Solarize,
      AutoContrast, Equalize): each LUT is built from 256 values and per-image statistics (the
      greyscale mean, channel min/max, channel histograms), then applied with one gather.
@@ -370,7 +372,10 @@ def _autocontrast_luts(image_f32: jax.Array) -> jax.Array:
   inv_scale = jnp.where(flat, 1.0, (high - low) * np.float32(1.0 / 255.0))
   low = jnp.where(flat, 0.0, low)
   values = jnp.arange(256, dtype=jnp.float32)
-  return _truncate_to_uint8((values - low[..., None]) / inv_scale[..., None])
+  # XLA rewrites x / broadcast(s) as x * broadcast(1 / s), which rounds differently; the barrier
+  # keeps the true division torchvision does.
+  inv_scale = jax.lax.optimization_barrier(jnp.broadcast_to(inv_scale[..., None], low.shape + (256,)))
+  return _truncate_to_uint8((values - low[..., None]) / inv_scale)
 
 
 def _lut_family(images: jax.Array, image_f32: jax.Array, gray: jax.Array, op: jax.Array,
@@ -383,7 +388,8 @@ def _lut_family(images: jax.Array, image_f32: jax.Array, gray: jax.Array, op: ja
   # The grey values are integers, so an integer sum is exact (torchvision sums in float32, exact
   # below 2**24, i.e. for images of up to ~65k pixels).
   gray_sum = jnp.sum(gray.astype(jnp.int32).reshape(n, -1), axis=1)
-  mean = (gray_sum.astype(jnp.float32) / np.float32(h * w))[:, None]
+  count = jax.lax.optimization_barrier(jnp.full((n,), h * w, jnp.float32))  # True division.
+  mean = (gray_sum.astype(jnp.float32) / count)[:, None]
   contrast = _truncate_to_uint8(values * f + mean * other_weight[:, None])
   ints = jnp.arange(256, dtype=jnp.int32)
   posterize = (ints & tables.posterize_mask).astype(jnp.uint8)

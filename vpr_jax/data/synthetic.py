@@ -9,6 +9,13 @@ noise) and JPEG encoding. Views of one place share their structure; places diffe
 appearance change is strong enough that nearest neighbour on raw pixels is far from perfect, so a
 trained network has something to learn.
 
+Difficulty, measured on the default eval split (seed 0, 64x64, 50 places, 2 database images and
+1 query each, chance R@1 = 2%): nearest neighbour on raw pixels R@1 32% (val) / 34% (test); an
+untrained ResNet-18 cut after layer3 + GeM 30-40%. A small CNN + GeM trained from scratch with the
+multi-similarity loss on 1000 training places (4 images each, P=32, K=4) reaches 84-92% after
+about 60-90 steps; with only 300 training places a ResNet-18 + GeM plateaued near 50% over 135
+steps, so give a demo many places (they are cheap: about 2 ms per 64x64 image).
+
 Everything is a pure function of `seed`: each place draws from its own random stream keyed by
 (seed, split, place index) and each view from (seed, split, place index, role, view index), so the
 bytes written do not depend on how many places are requested or in which order they are drawn.
@@ -421,7 +428,7 @@ def _check_image_size(image_size) -> tuple[int, int]:
 # Datasets.
 
 
-def make_training_places(root: str, seed: int = 0, num_train_places: int = 200,
+def make_training_places(root: str, seed: int = 0, num_train_places: int = 1000,
                          images_per_place: int = 4, image_size: Sequence[int] = (64, 64),
                          cities: Sequence[str] = DEFAULT_CITIES,
                          layouts: Sequence[str] = ('gsv_cities', 'gsv_xs'),
@@ -623,7 +630,7 @@ def make_benchmark_split(root: str, split: str = 'synthetic_val', seed: int = 0,
   }
 
 
-def make_synthetic_dataset(root: str, seed: int = 0, num_train_places: int = 200,
+def make_synthetic_dataset(root: str, seed: int = 0, num_train_places: int = 1000,
                            images_per_place: int = 4, num_eval_places: int = 50,
                            eval_queries_per_place: int = 1, eval_database_per_place: int = 2,
                            image_size: Sequence[int] = (64, 64),
