@@ -290,12 +290,14 @@ def test_bfloat16_compute_float32_state():
   @jax.jit
   def run(variables):
     outputs, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
-    return outputs, updates, reference.apply(variables, x, train=True, mutable=['batch_stats'])[0]
+    # Eval mode for the comparison: train-mode BN over 2 images of 1x1 (layer3 at 16x16) maps
+    # them to +-1 and magnifies any rounding difference.
+    return outputs, updates, model.apply(variables, x), reference.apply(variables, x)
 
-  outputs, updates, expected = run(variables)
-  assert outputs['features'].dtype == jnp.bfloat16
+  outputs, updates, eval_outputs, expected = run(variables)
+  assert outputs['features'].dtype == eval_outputs['features'].dtype == jnp.bfloat16
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(updates))
-  assert relative_error(outputs['features'], expected['features']) < 0.1
+  assert relative_error(eval_outputs['features'], expected['features']) < 0.05
 
 
 def test_bad_arguments():

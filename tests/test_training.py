@@ -12,9 +12,7 @@ import pytest
 from configs import default
 from vpr_jax import checkpointing
 from vpr_jax import losses
-from vpr_jax import optim
 from vpr_jax import training
-from vpr_jax.models import vpr_model
 
 BAD_LABEL = 999
 
@@ -63,42 +61,6 @@ def nan_on_label(loss_fn, label):
 def _records(workdir):
   with open(os.path.join(workdir, training.METRICS_FILENAME)) as f:
     return [json.loads(line) for line in f]
-
-
-def test_nonfinite_step_is_not_applied():
-  config = tiny_config()
-  model = vpr_model.build_model(config)
-  variables = vpr_model.init_variables(model, jax.random.PRNGKey(0), config.image_size)
-  tx, schedule = optim.make_optimizer(
-      config, 10, vpr_model.frozen_param_mask(variables['params'], 0))
-  state = training.create_train_state(config, model, None, tx=tx, variables=variables)
-  loss_fn = nan_on_label(losses.make_loss('MultiSimilarityLoss', None, 'MultiSimilarityMiner'),
-                         BAD_LABEL)
-  step = jax.jit(functools.partial(training.train_step, model=model, loss_fn=loss_fn,
-                                   schedule=schedule))
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (8, 2, 32, 32, 3), dtype=np.uint8)
-  labels = np.repeat(np.arange(8, dtype=np.int32)[:, None], 2, axis=1)
-  bad_labels = labels.copy()
-  bad_labels[0] = BAD_LABEL
-
-  state, metrics = step(state, {'images': images, 'labels': labels}, jax.random.PRNGKey(0))
-  assert float(metrics['finite']) == 1.0
-  before = jax.device_get(state)
-  state, metrics = step(state, {'images': images, 'labels': bad_labels}, jax.random.PRNGKey(0))
-  after = jax.device_get(state)
-  assert float(metrics['finite']) == 0.0 and not np.isfinite(float(metrics['loss']))
-  # Parameters, BatchNorm statistics and optimiser state are those from before the bad step.
-  for field in ('params', 'batch_stats', 'opt_state'):
-    jax.tree.map(np.testing.assert_array_equal, getattr(after, field), getattr(before, field))
-  assert int(after.step) == 2
-  assert int(after.nonfinite_count) == 1 and int(after.first_nonfinite_step) == 1
-  # The optimiser's schedule follows the applied updates only.
-  np.testing.assert_allclose(float(metrics['lr']), float(schedule(1)))
-  state, metrics = step(state, {'images': images, 'labels': labels}, jax.random.PRNGKey(0))
-  assert float(metrics['finite']) == 1.0 and int(state.first_nonfinite_step) == 1
-  moved = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a) - b)), state.params, after.params)
-  assert max(jax.tree.leaves(moved)) > 0
 
 
 def test_unknown_names_fail_before_reading_data(tmp_path):
@@ -163,30 +125,94 @@ def test_resume_reproduces_uninterrupted_run(synthetic_root, tmp_path):
   assert checkpointing.read_config(resumed).optim.learning_rate == 5e-4
 
 
-@pytest.mark.slow
-def test_nonfinite_stop_names_the_step(synthetic_root, tmp_path, monkeypatch):
+def _bad_label_of_second_batch(config):
+  """A place id in the second training batch but not in the first."""
   from vpr_jax.data import gsv_cities  # pylint: disable=g-import-not-at-top
   from vpr_jax.data import train_pipeline  # pylint: disable=g-import-not-at-top
-  config = run_config(synthetic_root, tmp_path / 'cache')
-  config.max_steps = 3
-  config.checkpoint_every_steps = 1
   index = gsv_cities.build_place_index(
       os.path.join(config.data.root, config.data.train_dir), config.data.train_layout,
       config.data.cities, config.data.min_img_per_place, cache_dir=config.data.cache_dir)
   with train_pipeline.make_train_iterator(index, config, seed=config.seed, num_workers=0) as it:
     first, second = next(it)['labels'], next(it)['labels']
-  bad_label = int(np.setdiff1d(second, first)[0])
+  return int(np.setdiff1d(second, first)[0])
+
+
+def _check_step_skips_nonfinite(config, bad_label):
+  """The compiled step of a run: a non-finite loss leaves the whole state as it was."""
+  programs = training._get_programs(config, steps_per_epoch=3)  # pylint: disable=protected-access
+  dp = programs.dp
+  variables = programs.init(jax.random.PRNGKey(0))
+  state = training.create_train_state(config, programs.model, None, tx=programs.tx,
+                                      variables=variables)
+  state = dp.replicate(jax.device_get(state))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+  labels = np.repeat(np.arange(8, dtype=np.int32), 2)
+  bad_labels = labels.copy()
+  bad_labels[:2] = bad_label
+  run = lambda state, labels: programs.train_step(
+      state, dp.shard_batch({'images': images, 'labels': labels}), jax.random.PRNGKey(0))
+
+  state, metrics = run(state, labels)
+  assert float(metrics['finite']) == 1.0
+  before = dp.to_host(state)
+  state, metrics = run(state, bad_labels)
+  after = dp.to_host(state)
+  assert float(metrics['finite']) == 0.0 and not np.isfinite(float(metrics['loss']))
+  # Parameters, BatchNorm statistics and optimiser state are those from before the bad step.
+  for field in ('params', 'batch_stats', 'opt_state'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, field), getattr(before, field))
+  assert int(after.step) == 2
+  assert int(after.nonfinite_count) == 1 and int(after.first_nonfinite_step) == 1
+  # The learning rate follows the applied updates (warmup: step index 1 -> lr * 2 / 2).
+  np.testing.assert_allclose(float(metrics['lr']), float(programs.schedule(1)))
+  state, metrics = run(state, labels)
+  assert float(metrics['finite']) == 1.0
+  moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), dp.to_host(state).params,
+                       after.params)
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.slow
+def test_nonfinite_skip_and_stop(synthetic_root, tmp_path, monkeypatch):
+  config = run_config(synthetic_root, tmp_path / 'cache')
+  config.checkpoint_every_steps = 1
+  config.eval_every_epochs = 2
+  bad_label = _bad_label_of_second_batch(config)
   real_make_loss = losses.make_loss
   monkeypatch.setattr(training.losses, 'make_loss',
                       lambda *args: nan_on_label(real_make_loss(*args), bad_label))
-  training.clear_program_cache()  # steps compiled by earlier tests hold the real loss
-
-  workdir = str(tmp_path / 'run')
+  # Steps compiled by other tests hold the real loss; these runs compile (once) the patched one.
+  training.clear_program_cache()
   try:
+    _check_step_skips_nonfinite(config, bad_label)
+
+    workdir = str(tmp_path / 'run')
+    config.on_nonfinite = 'skip'
+    config.max_steps = 1
+    training.train_and_evaluate(config, workdir)
+    after_step1 = checkpointing.load_for_eval(workdir)[1]
+    config.max_steps = 2
+    assert training.train_and_evaluate(config, workdir)['skipped_steps'] == 1
+    after_step2 = checkpointing.load_for_eval(workdir)[1]
+    jax.tree.map(np.testing.assert_array_equal, after_step2, after_step1)
+    config.max_steps = 3
+    training.train_and_evaluate(config, workdir)
+    records = _records(workdir)
+    assert [r['loss'] is None for r in records] == [False, True, False]
+    assert [r['skipped_steps'] for r in records] == [0, 1, 1]
+
+    # 'stop' looks at the steps of its own run: the skipped step 2 does not stop a resumed run.
+    config.on_nonfinite = 'stop'
+    config.max_steps = 4
+    assert training.train_and_evaluate(config, workdir)['step'] == 4
+
+    # A bad step stops the run with the step's number; the checkpoints are left as they were.
+    workdir = str(tmp_path / 'stopped')
+    config.max_steps = 3
     with pytest.raises(training.NonFiniteError, match='at step 2 '):
       training.train_and_evaluate(config, workdir)
+    assert os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) == ['1']
+    assert checkpointing.load_for_eval(workdir)[2] == 1
   finally:
     training.clear_program_cache()
-  # The checkpoint from before the bad step is the latest, and intact.
-  assert os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) == ['1']
-  assert checkpointing.load_for_eval(workdir)[2] == 1

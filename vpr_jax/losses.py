@@ -230,7 +230,7 @@ def _log_one_plus_sum_exp(x, mask):
 
 def _mean_of_nonzero(losses, weights):
   """pml's AvgNonZeroReducer over weighted terms: mean of the terms > 0, or 0 if there is none."""
-  weights = jnp.where(losses >= 0, weights, 0.0)
+  weights = jnp.where(losses > 0, weights, 0.0)
   count = jnp.sum(weights)
   return jnp.where(count > 0, jnp.sum(weights * losses) / jnp.maximum(count, 1.0), 0.0)
 

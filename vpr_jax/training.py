@@ -551,18 +551,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def host_state_now():
     return _numpy_tree(dp.to_host(state))
 
+  pending = []  # (step number, metrics on device) since the last training record
+
   def check_finite(step: int) -> int:
-    counts = jax.device_get(dp.unreplicate(
-        {'count': state.nonfinite_count, 'first': state.first_nonfinite_step}))
-    count = int(np.asarray(counts['count']))
-    if count and config.on_nonfinite == 'stop':
-      latest = checkpointer.latest_step()
-      # Step numbers count steps done, as in metrics.jsonl: the step of index i is step i + 1.
-      raise NonFiniteError(
-          f'Non-finite loss or gradient at step {int(np.asarray(counts["first"])) + 1} (the update '
-          f'was not applied; detected at step {step}). Checkpoints in {checkpointer.directory} are '
-          f'intact (latest step {latest}). Set on_nonfinite="skip" to skip such steps.')
-    return count
+    """Raises (on_nonfinite='stop') for a bad step since the last check; returns the count."""
+    if config.on_nonfinite == 'stop' and pending:
+      flags = jax.device_get(dp.unreplicate([metrics['finite'] for _, metrics in pending]))
+      bad = [number for (number, _), flag in zip(pending, flags) if float(flag) == 0.0]
+      if bad:
+        raise NonFiniteError(
+            f'Non-finite loss or gradient at step {bad[0]} (the update was not applied; '
+            f'detected at step {step}). Checkpoints in {checkpointer.directory} are intact '
+            f'(latest step {checkpointer.latest_step()}). Set on_nonfinite="skip" to skip such '
+            'steps.')
+    return int(np.asarray(jax.device_get(dp.unreplicate(state.nonfinite_count))))
 
   def validate(step: int) -> dict[str, dict[str, float]]:
     variables_now = dp.unreplicate({'params': state.params, 'batch_stats': state.batch_stats})
@@ -617,7 +619,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     device_batches = parallel.prefetch(
         host_batches(), lambda item: (dp.shard_batch(item[0]), item[1]),
         size=2 if jax.default_backend() != 'cpu' else 1)
-    pending = []
     interval_start, interval_steps = time.perf_counter(), 0
     while step < last_step:
       try:
@@ -625,17 +626,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       except StopIteration:
         break
       state, metrics = p_train_step(state, batch, rng_on_device)
-      pending.append(metrics)
       step += 1
+      pending.append((step, metrics))
       interval_steps += 1
       iterator_state = batch_iterator_state
       end_of_epoch = step % steps_per_epoch == 0
       log_now = step % int(config.log_every_steps) == 0 or step == last_step or end_of_epoch
       if log_now:
-        fetched = jax.device_get(dp.unreplicate(pending))
-        pending = []
         elapsed = max(time.perf_counter() - interval_start, 1e-9)
         skipped = check_finite(step)
+        fetched = jax.device_get(dp.unreplicate([metrics for _, metrics in pending]))
+        pending.clear()
         finite = [m for m in fetched if float(m['finite']) > 0]
         mean = lambda key, rows=finite: (float(np.mean([float(m[key]) for m in rows]))
                                          if rows else float('nan'))

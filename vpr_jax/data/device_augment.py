@@ -28,6 +28,8 @@ Exactness against torchvision's tensor backend (tests/test_device_augment.py com
   (rare: none at the tested sizes). torch's `add_(other, alpha=w)` is a fused multiply-add,
   which XLA has no primitive for; Color's and Sharpness's results depend only on two uint8
   inputs, so they come from a 65,536-entry table per sign computed with the fused rounding.
+  The greyscale image (Color, Contrast) is not fused here: 21 of the 2^24 (r, g, b) triples
+  floor to a grey level one lower or higher than torchvision's.
 * Contrast: the greyscale mean is exact (an integer sum), but the final blend is not fused here:
   about one value in 10^6 differs by 1 intensity level.
 * XLA rewrites a division by a broadcast value as a multiplication by its reciprocal, which
@@ -69,8 +71,6 @@ NUM_OPS = len(OP_NAMES)
 SIGNED_OPS = frozenset({'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness',
                         'Color', 'Contrast', 'Sharpness'})
 _OP = {name: i for i, name in enumerate(OP_NAMES)}
-_GEOMETRIC_OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')
-_LUT_OPS = ('Brightness', 'Contrast', 'Posterize', 'Solarize', 'AutoContrast', 'Equalize')
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
 
@@ -174,7 +174,7 @@ def _geometric_matrix(op_name: str, signed_magnitude: float, height: int,
                                  [0.0, 0.0])
   if op_name == 'Rotate':
     # `rotate` takes the angle modulo 360 and passes its negative to the affine matrix.
-    return inverse_affine_matrix([0.0, 0.0], -(signed_magnitude % 360), [0.0, 0.0], 1.0,
+    return inverse_affine_matrix([0.0, 0.0], (signed_magnitude % 360), [0.0, 0.0], 1.0,
                                  [0.0, 0.0])
   return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
@@ -374,7 +374,8 @@ def _autocontrast_luts(image_f32: jax.Array) -> jax.Array:
   values = jnp.arange(256, dtype=jnp.float32)
   # XLA rewrites x / broadcast(s) as x * broadcast(1 / s), which rounds differently; the barrier
   # keeps the true division torchvision does.
-  inv_scale = jax.lax.optimization_barrier(jnp.broadcast_to(inv_scale[..., None], low.shape + (256,)))
+  inv_scale = jax.lax.optimization_barrier(
+      jnp.broadcast_to(inv_scale[..., None], low.shape + (256,)))
   return _truncate_to_uint8((values - low[..., None]) / inv_scale)
 
 
