@@ -311,3 +311,24 @@ def test_bad_arguments():
     init(resnet.ResNet(depth=18, layers_to_freeze=4))
   with pytest.raises(ValueError, match='depth'):
     resnet.resnet_out_channels(152)
+
+
+def test_batch_norm_cross_device_statistics_under_pmap():
+  if jax.local_device_count() < 2:
+    pytest.skip('needs 2 devices (tests/conftest.py sets 8 CPU devices)')
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 5)) * 2.0 + 1.0
+  variables = {'params': {'scale': jnp.full((5,), 1.5), 'bias': jnp.full((5,), 0.2)},
+               'batch_stats': {'mean': jnp.zeros(5), 'var': jnp.ones(5)}}
+  whole = resnet.BatchNorm()
+  expected, expected_updates = whole.apply(variables, x, train=True, mutable=['batch_stats'])
+
+  sharded = resnet.BatchNorm(axis_name='batch')
+  replicated = jax.tree.map(lambda v: jnp.stack([v, v]), variables)
+  outputs, updates = jax.pmap(
+      lambda v, x: sharded.apply(v, x, train=True, mutable=['batch_stats']),
+      axis_name='batch', devices=jax.local_devices()[:2])(replicated, x.reshape(2, 2, 3, 3, 5))
+  np.testing.assert_allclose(outputs.reshape(x.shape), expected, rtol=1e-5, atol=1e-6)
+  for key in ('mean', 'var'):  # Unbiased over all 4 images, identical on both devices.
+    np.testing.assert_allclose(updates['batch_stats'][key][0],
+                               expected_updates['batch_stats'][key], rtol=1e-6)
+    np.testing.assert_array_equal(updates['batch_stats'][key][0], updates['batch_stats'][key][1])

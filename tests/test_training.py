@@ -126,15 +126,15 @@ def test_resume_reproduces_uninterrupted_run(synthetic_root, tmp_path):
 
 
 def _bad_label_of_second_batch(config):
-  """A place id in the second training batch but not in the first."""
+  """A place id in the second training batch, not in the first and not in the fourth."""
   from vpr_jax.data import gsv_cities  # pylint: disable=g-import-not-at-top
   from vpr_jax.data import train_pipeline  # pylint: disable=g-import-not-at-top
   index = gsv_cities.build_place_index(
       os.path.join(config.data.root, config.data.train_dir), config.data.train_layout,
       config.data.cities, config.data.min_img_per_place, cache_dir=config.data.cache_dir)
   with train_pipeline.make_train_iterator(index, config, seed=config.seed, num_workers=0) as it:
-    first, second = next(it)['labels'], next(it)['labels']
-  return int(np.setdiff1d(second, first)[0])
+    batches = [next(it)['labels'] for _ in range(4)]
+  return int(np.setdiff1d(batches[1], np.concatenate([batches[0], batches[3]]))[0])
 
 
 def _check_step_skips_nonfinite(config, bad_label):
@@ -147,7 +147,7 @@ def _check_step_skips_nonfinite(config, bad_label):
   state = dp.replicate(jax.device_get(state))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-  labels = np.repeat(np.arange(8, dtype=np.int32), 2)
+  labels = np.repeat(np.arange(8, dtype=np.int32) + bad_label + 1, 2)
   bad_labels = labels.copy()
   bad_labels[:2] = bad_label
   run = lambda state, labels: programs.train_step(

@@ -19,6 +19,7 @@ removed only after the new one is committed.
 import base64
 import contextlib
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -269,6 +270,21 @@ def _absl_verbosity(level):
     logging.set_verbosity(previous)
 
 
+def _quiet():
+  """orbax logs tens of INFO lines per save; shown only with debug logging (-v 1)."""
+  if logging.get_verbosity() > logging.INFO:
+    return contextlib.nullcontext()
+  return _absl_verbosity(logging.WARNING)
+
+
+def _quietly(fn):
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    with _quiet():
+      return fn(*args, **kwargs)
+  return wrapper
+
+
 def _remove_unfinished_saves(manager_dir: str) -> None:
   """Deletes the temporary folders of saves that never completed (crash, failed write)."""
   if not os.path.isdir(manager_dir):
@@ -339,8 +355,8 @@ def _restorable(tree):
   return jax.tree.map(leaf, tree)
 
 
-def _restore_items(manager: ocp.CheckpointManager, step: int, where: str, targets: Mapping[str, Any],
-                   json_items: Sequence[str] = ()) -> dict:
+def _restore_items(manager: ocp.CheckpointManager, step: int, where: str,
+                   targets: Mapping[str, Any], json_items: Sequence[str] = ()) -> dict:
   """Restores items of the step folder `where` after checking their structure."""
   try:
     metadata = manager.item_metadata(step)
@@ -379,6 +395,7 @@ def _to_numpy(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+@_quietly
 def save_inference_checkpoint(directory: str, config: ml_collections.ConfigDict,
                               variables: Mapping[str, Any], overwrite: bool = False) -> str:
   """Writes a checkpoint that holds only model variables (used by the converter).
@@ -457,6 +474,7 @@ def _pick_step(checkpoint_dir: str, step: Optional[int]):
   raise FileNotFoundError(f'{checkpoint_dir} holds no completed checkpoint step.')
 
 
+@_quietly
 def load_for_eval(path: str, step: Optional[int] = None):
   """Loads a model's configuration and variables for evaluation.
 
@@ -529,6 +547,7 @@ class TrainCheckpointer:
   `RESUMABLE_CONFIG_FIELDS` may differ; they are logged). Nothing is written before that check.
   """
 
+  @_quietly
   def __init__(self, directory: str, config: ml_collections.ConfigDict,
                keep_best: Optional[int] = None):
     """Opens (or creates) the checkpoint directory of a run.
@@ -579,6 +598,7 @@ class TrainCheckpointer:
     """The step with the highest validation R@1, or None."""
     return self.best.best_step()
 
+  @_quietly
   def save(self, step: int, *, variables, train, data_iterator_state=None,
            r1: Optional[float] = None, info: Optional[Mapping[str, Any]] = None) -> None:
     """Saves the latest state, and a best checkpoint too when `r1` is given.
@@ -620,6 +640,7 @@ class TrainCheckpointer:
           pass
       raise
 
+  @_quietly
   def restore(self, variables_target, train_target, step: Optional[int] = None) -> dict:
     """Restores a training state.
 
@@ -650,6 +671,7 @@ class TrainCheckpointer:
                 data_iterator_state=decode_iterator_state(restored.get('data_iterator')),
                 info=restored.get('info') or {})
 
+  @_quietly
   def close(self) -> None:
     """Waits for pending writes and releases the managers."""
     self.best.close()

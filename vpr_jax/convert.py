@@ -26,17 +26,19 @@ import os
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from absl import flags
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from vpr_jax import checkpointing
 from vpr_jax.models import aggregators
 from vpr_jax.models import resnet
 from vpr_jax.models import vpr_model
 
+FLAGS = flags.FLAGS
 KINDS = ('auto', 'torchvision', 'family')
 BACKBONE_PREFIX = 'backbone.model.'
 AGGREGATOR_PREFIX = 'aggregator.'
@@ -200,15 +202,14 @@ def _to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:
 
 
 def _convert(state_dict: Mapping[str, Any], expected: Mapping[str, Any],
-             name_fn: Callable[[str, tuple], str], ignore_fn: Callable[[str], bool],
+             name_fn: Callable[[str, tuple, str], str], ignore_fn: Callable[[str], bool],
              source: str, dtype: Any = np.float32) -> dict[str, Any]:
   """Fills the tree `expected` (of ShapeDtypeStructs) from `state_dict` or raises with every issue.
 
   Args:
     state_dict: {torch name: tensor or array}.
     expected: {'params': ..., 'batch_stats': ...} abstract variables.
-    name_fn: (collection, flax path) -> torch name, or None for leaves the model does not need
-      from the checkpoint.
+    name_fn: (collection, flax path, torch-style name of that path) -> the state-dict key.
     ignore_fn: state-dict keys to skip silently.
     source: description of the state dict for error messages.
     dtype: numpy dtype of the result.
@@ -376,6 +377,30 @@ def _adapt_config_to_checkpoint(config: ml_collections.ConfigDict,
   return config
 
 
+def _with_new_aggregator(config: ml_collections.ConfigDict,
+                         backbone: Mapping[str, Any]) -> dict[str, Any]:
+  """Whole-model variables: `backbone` plus a freshly initialised aggregator (config.seed)."""
+  model = vpr_model.build_model(config)
+  abstract = jax.eval_shape(lambda: vpr_model.init_variables(model, jax.random.key(0)))
+  h, w, c = vpr_model.backbone_output_shape(config.model, config.image_size)
+  aggregator = aggregators.make_aggregator(config.model, c, (h, w))
+  # Only the aggregator is initialised: a whole-model init would also draw (and compile the
+  # random programs for) every backbone weight, to be thrown away.
+  aggregator_params = jax.jit(aggregator.init)(
+      jax.random.key(int(config.seed)), jnp.zeros((1, h, w, c), jnp.float32)).get('params', {})
+  variables = {'params': {'backbone': backbone['params']},
+               'batch_stats': {'backbone': backbone['batch_stats']}}
+  if aggregator_params:
+    variables['params']['aggregator'] = aggregator_params
+  found = {k: np.shape(v) for k, v in traverse_util.flatten_dict(variables).items()}
+  wanted = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(abstract)).items()}
+  if found != wanted:
+    differences = sorted('/'.join(k) for k in set(found) ^ set(wanted))
+    differences += sorted('/'.join(k) for k in set(found) & set(wanted) if found[k] != wanted[k])
+    raise ValueError(f'Converted variables do not match the model at: {differences}.')
+  return variables
+
+
 def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str, out: str,
                        kind: str = 'auto', allow_unsafe_pickle: bool = False,
                        overwrite: bool = False) -> tuple[ml_collections.ConfigDict, dict]:
@@ -397,6 +422,9 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
   """
   if kind not in KINDS:
     raise ValueError(f'Unknown kind {kind!r}; valid choices: {", ".join(KINDS)}.')
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:  # Fail before the slow part.
+    raise FileExistsError(f'{out} already exists and is not empty; choose another output '
+                          'directory or pass overwrite=True (CLI: --overwrite).')
   state_dict = load_torch_state_dict(torch_checkpoint, allow_unsafe_pickle)
   if kind == 'auto':
     kind = detect_kind(state_dict)
@@ -408,9 +436,7 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
     backbone = torchvision_resnet_to_flax(
         state_dict, vpr_model.backbone_depth(config.model), tuple(config.model.layers_to_crop),
         source=source)
-    model = vpr_model.build_model(config)
-    variables = vpr_model.init_variables(model, jax.random.key(int(config.seed)))
-    variables = jax.tree.map(np.asarray, with_backbone(variables, backbone))
+    variables = jax.tree.map(np.asarray, _with_new_aggregator(config, backbone))
     print(f'{source}: backbone only; the {config.model.aggregator} aggregator is randomly '
           f'initialised (seed {config.seed}).', file=sys.stderr)
   checkpointing.save_inference_checkpoint(out, config, variables, overwrite=overwrite)
@@ -437,8 +463,7 @@ def _normalise_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _define_flags():
-  """Defines the CLI flags (only when run as a program, so importing this module defines none)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  """Defines the CLI flags; only when run as a program, as other entry points define --config."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file describing the model.',
                                   lock_config=True)
@@ -450,22 +475,20 @@ def _define_flags():
                     'for trusted files the safe loader rejects.')
   flags.DEFINE_bool('overwrite', False, 'Replace a non-empty --out directory.')
   flags.mark_flags_as_required(['config', 'torch_checkpoint', 'out'])
-  return flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f'Unexpected arguments: {argv[1:]}')
-  flags_ = _FLAGS
   config, variables = convert_checkpoint(
-      flags_.config, flags_.torch_checkpoint, flags_.out, kind=flags_.kind,
-      allow_unsafe_pickle=flags_.allow_unsafe_pickle, overwrite=flags_.overwrite)
+      FLAGS.config, FLAGS.torch_checkpoint, FLAGS.out, kind=FLAGS.kind,
+      allow_unsafe_pickle=FLAGS.allow_unsafe_pickle, overwrite=FLAGS.overwrite)
   counts = vpr_model.count_parameters(variables['params'], config.model.layers_to_freeze)
   print(vpr_model.format_parameter_table(counts, config.model))
-  print(f'Wrote {os.path.abspath(flags_.out)}')
+  print(f'Wrote {os.path.abspath(FLAGS.out)}')
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
-  _FLAGS = _define_flags()
+  _define_flags()
   app.run(main, argv=_normalise_argv(sys.argv))

@@ -11,7 +11,7 @@ holds a checkpoint, and writes into the workdir:
                     Validation records: step, epoch (epochs completed), dataset, recall
                     {"1": percent, "5": ..., "25": ...}. On resume, records after the restored
                     step are dropped, so the file reads as one uninterrupted run.
-  tb/               TensorBoard event files (train/*, val/<dataset>/R@N)
+  tb/               TensorBoard event files (train/*, val/<dataset>/R<N>)
   checkpoints/      see vpr_jax.checkpointing: best keep_best by R@1 of the first validation set,
                     and the latest (with optimiser, RNG and data iterator state)
 
@@ -234,12 +234,29 @@ def _resolve_under(root: str, path: str) -> str:
   return path if os.path.isabs(path) else os.path.join(root, path)
 
 
+def _synthetic_enabled(config: ml_collections.ConfigDict) -> bool:
+  synth = config.data.get('synthetic')
+  return synth is not None and bool(synth.enabled)
+
+
+def _resolve_data_root(config: ml_collections.ConfigDict) -> str:
+  """config.data.root, else $VPR_DATA_ROOT; synthetic runs fall back to ~/.cache/vpr_jax."""
+  from vpr_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
+  if _synthetic_enabled(config):
+    root = (config.data.root or os.environ.get(benchmarks.DATA_ROOT_ENV) or
+            os.path.join(os.path.expanduser('~'), '.cache', 'vpr_jax'))
+    root = os.path.abspath(os.path.expanduser(root))
+    os.makedirs(root, exist_ok=True)
+    return root
+  return benchmarks.resolve_data_root(config.data.root)
+
+
 def _maybe_make_synthetic_data(config: ml_collections.ConfigDict, data_root: str) -> None:
   """Generates the synthetic dataset under <data root>/<data.synthetic.dir> once, if enabled."""
-  synth = config.data.get('synthetic')
-  if synth is None or not synth.enabled:
+  if not _synthetic_enabled(config):
     return
   from vpr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  synth = config.data.synthetic
   out = _resolve_under(data_root, synth.dir)
   if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, synthetic.SUMMARY_FILE)):
     logging.info('Writing the synthetic dataset to %s', out)
@@ -283,6 +300,19 @@ def _host_state_parts(host_state: TrainState, rng) -> tuple[dict, dict]:
            'nonfinite_count': host_state.nonfinite_count,
            'first_nonfinite_step': host_state.first_nonfinite_step}
   return variables, jax.tree.map(np.asarray, train)
+
+
+def _iterator_state_for_process(state, process_index: int):
+  """The saved data iterator state, addressed to this process.
+
+  Checkpoints keep one copy of the iterator state (process 0's). The train pipeline's position is
+  the global step, the same on every process; only its fingerprint names the process (and its
+  bad-image counters are process 0's).
+  """
+  fingerprint = state.get('fingerprint') if isinstance(state, dict) else None
+  if isinstance(fingerprint, dict) and 'process_index' in fingerprint:
+    state = dict(state, fingerprint=dict(fingerprint, process_index=process_index))
+  return state
 
 
 def _numpy_tree(tree):
@@ -466,7 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   process_index, process_count = jax.process_index(), jax.process_count()
 
   # Data locations, checked before anything heavy happens.
-  data_root = benchmarks.resolve_data_root(config.data.root)
+  data_root = _resolve_data_root(config)
   _maybe_make_synthetic_data(config, data_root)
   for name in config.data.val_datasets:
     benchmarks.resolve_benchmark_dir(name, data_root)
@@ -519,7 +549,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         first_nonfinite_step=train_item['first_nonfinite_step'])
     train_rng = jnp.asarray(train_item['rng'])
     if restored['data_iterator_state'] is not None:
-      train_iter.set_state(restored['data_iterator_state'])
+      train_iter.set_state(_iterator_state_for_process(restored['data_iterator_state'],
+                                                       process_index))
     start_step = int(train_item['step'])
     best_step = checkpointer.best_step()
     if best_step is not None:
@@ -545,7 +576,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f'{jnp.dtype(vpr_model.resolve_dtype(config.model.dtype)).name}.')
 
   state = dp.replicate(host_state)
-  rng_on_device = train_rng
   p_train_step = programs.train_step
 
   def host_state_now():
@@ -581,7 +611,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           'recall': recall})
       if writer is not None:
         for n, value in recall.items():
-          writer.add_scalar(f'val/{bench.name}/R@{n}', value, step)
+          writer.add_scalar(f'val/{bench.name}/R{n}', value, step)
     if writer is not None:
       writer.flush()
     return results
@@ -599,7 +629,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       info={'epoch': step // steps_per_epoch, 'val': dict(val_results or {})})
 
   iterator_state = train_iter.get_state()
-  skipped = 0
+  skipped = int(host_state.nonfinite_count)
   last_record: dict[str, Any] = {}
   step = start_step
   try:
@@ -625,7 +655,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch, batch_iterator_state = next(device_batches)
       except StopIteration:
         break
-      state, metrics = p_train_step(state, batch, rng_on_device)
+      state, metrics = p_train_step(state, batch, train_rng)
       step += 1
       pending.append((step, metrics))
       interval_steps += 1
@@ -633,10 +663,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       end_of_epoch = step % steps_per_epoch == 0
       log_now = step % int(config.log_every_steps) == 0 or step == last_step or end_of_epoch
       if log_now:
-        elapsed = max(time.perf_counter() - interval_start, 1e-9)
         skipped = check_finite(step)
         fetched = jax.device_get(dp.unreplicate([metrics for _, metrics in pending]))
         pending.clear()
+        # Measured after the fetch, which waits for the (asynchronously dispatched) steps.
+        elapsed = max(time.perf_counter() - interval_start, 1e-9)
         finite = [m for m in fetched if float(m['finite']) > 0]
         mean = lambda key, rows=finite: (float(np.mean([float(m[key]) for m in rows]))
                                          if rows else float('nan'))

@@ -174,7 +174,7 @@ def _geometric_matrix(op_name: str, signed_magnitude: float, height: int,
                                  [0.0, 0.0])
   if op_name == 'Rotate':
     # `rotate` takes the angle modulo 360 and passes its negative to the affine matrix.
-    return inverse_affine_matrix([0.0, 0.0], (signed_magnitude % 360), [0.0, 0.0], 1.0,
+    return inverse_affine_matrix([0.0, 0.0], -(signed_magnitude % 360), [0.0, 0.0], 1.0,
                                  [0.0, 0.0])
   return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 

@@ -122,9 +122,10 @@ class ConvAP(nn.Module):
     # Every pooling bin averages with weights summing to one, so pooling commutes with the affine
     # 1x1 conv: pool first and run the conv on s1*s2 positions instead of H*W.
     pooled = adaptive_avg_pool(x, self.pool_size)
-    y = nn.Conv(self.out_channels, (1, 1), use_bias=True, dtype=self.dtype,
-                param_dtype=jnp.float32, kernel_init=torch_linear_kernel_init,
-                bias_init=torch_bias_init(in_channels), name='channel_pool')(pooled.astype(self.dtype))
+    conv = nn.Conv(self.out_channels, (1, 1), use_bias=True, dtype=self.dtype,
+                   param_dtype=jnp.float32, kernel_init=torch_linear_kernel_init,
+                   bias_init=torch_bias_init(in_channels), name='channel_pool')
+    y = conv(pooled.astype(self.dtype))
     # NHWC -> NCHW before flattening, as the PyTorch module flattens [B, C, s1, s2].
     y = jnp.transpose(y.astype(jnp.float32), (0, 3, 1, 2))
     return l2_normalize(y.reshape(y.shape[0], -1))

@@ -200,7 +200,7 @@ def count_parameters(params: Any, layers_to_freeze: int = -1) -> dict[str, int]:
 
 
 def human_readable_count(number: int) -> str:
-  """Abbreviates a count as the family's model summary does: 2782784 -> '2.8 M', 683072 -> '683 K'."""
+  """Abbreviates a count as the family's model summary: 2782784 -> '2.8 M', 683072 -> '683 K'."""
   labels = ('', 'K', 'M', 'B', 'T')
   number = int(number)
   if number <= 0:
