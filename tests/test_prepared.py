@@ -94,6 +94,29 @@ def test_read_place_and_pickled_source_in_grain(prepared_dir):
     source[len(source)]
 
 
+class _DecodeRecord:
+  """grain map: record number -> decoded image (module level, so worker processes unpickle it)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __call__(self, record):
+    return self.source.load_array(int(record))
+
+
+def test_grain_worker_processes_read_the_shards(prepared_dir):
+  out, index, _, _ = prepared_dir
+  source = prepared.PreparedSource(str(out))
+  records = list(range(0, index.num_images, 3))
+  dataset = (grain.MapDataset.source(records).map(_DecodeRecord(source))
+             .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+             .mp_prefetch(grain.MultiprocessingOptions(num_workers=2)))
+  decoded = list(dataset)
+  assert len(decoded) == len(records)
+  for record, image in zip(records, decoded):
+    np.testing.assert_array_equal(image, source.load_array(record))
+
+
 def test_undecodable_source_is_an_empty_record_that_names_the_file(tmp_path):
   root = tmp_path / 'data'
   synthetic.make_training_places(str(root), seed=1, num_train_places=4, images_per_place=4,

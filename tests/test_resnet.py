@@ -65,12 +65,12 @@ def _run_torch(name, depth, x):
   return eval_outputs, train_outputs, stats['batch_stats']
 
 
-def _run_flax(variables, depth, x, dtype):
+def _run_flax(variables, depth, x, dtype, with_eval=True):
   """ResNet (eval, train) stage outputs and updated running stats, in one compiled program."""
   model = resnet.ResNet(depth=depth, dtype=dtype)
 
   def run(variables, x):
-    eval_outputs = model.apply(variables, x, train=False)
+    eval_outputs = model.apply(variables, x, train=False) if with_eval else None
     train_outputs, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
     return eval_outputs, train_outputs, updates['batch_stats']
 
@@ -94,7 +94,7 @@ def test_matches_torchvision(name, depth):
   initial = convert.torchvision_resnet_to_flax(
       randomised_torchvision_resnet(name, seed=depth).state_dict(), depth, ())
   ref_eval, ref_train, ref_stats = _run_torch(name, depth, x)
-  exact_eval, exact_train, exact_stats = _run_torch(name, depth, x.double())
+  _, exact_train, exact_stats = _run_torch(name, depth, x.double())
   ours_eval, ours_train, ours_stats = _run_flax(initial, depth, x, jnp.float32)
 
   for stage in STAGES:
@@ -118,10 +118,10 @@ def test_matches_torchvision(name, depth):
   if depth == 50:  # The deep train-mode stages, exactly (float32 cannot show it, see above).
     with jax.enable_x64(True):
       initial64 = jax.tree.map(lambda v: np.asarray(v, np.float64), initial)
-      ours_eval, ours_train, ours_stats = _run_flax(initial64, depth, x.double(), jnp.float64)
+      _, ours_train, ours_stats = _run_flax(initial64, depth, x.double(), jnp.float64,
+                                            with_eval=False)
       for stage in STAGES:
         assert ours_train[stage].dtype == jnp.float64
-        assert relative_error(ours_eval[stage], exact_eval[stage]) <= 1e-10, stage
         assert relative_error(ours_train[stage], exact_train[stage]) <= 1e-10, stage
       errors = _stats_errors(ours_stats, exact_stats)
       assert max(errors.values()) <= 1e-10, errors

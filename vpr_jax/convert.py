@@ -22,6 +22,7 @@ torch is imported only to read files; the conversion functions also accept numpy
 """
 
 import copy
+import functools
 import os
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -247,8 +248,14 @@ def _convert(state_dict: Mapping[str, Any], expected: Mapping[str, Any],
 
 
 def _abstract_variables(module, *args, **kwargs) -> dict[str, Any]:
-  shapes = jax.eval_shape(lambda rng: module.init(rng, *args, **kwargs), jax.random.key(0))
+  shapes = jax.eval_shape(lambda rng, *a: module.init(rng, *a, **kwargs), jax.random.key(0), *args)
   return {'params': shapes.get('params', {}), 'batch_stats': shapes.get('batch_stats', {})}
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_resnet_variables(depth: int, layers_to_crop: tuple[int, ...]) -> dict[str, Any]:
+  return _abstract_variables(resnet.ResNet(depth=depth, layers_to_crop=layers_to_crop),
+                             jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,9 +279,8 @@ def torchvision_resnet_to_flax(state_dict: Mapping[str, Any], depth: int,
   Returns:
     {'params': ..., 'batch_stats': ...} as numpy arrays (float32 by default).
   """
-  crop = tuple(layers_to_crop)
-  expected = _abstract_variables(resnet.ResNet(depth=depth, layers_to_crop=crop),
-                                 jnp.zeros((1, 32, 32, 3), jnp.float32))
+  crop = tuple(int(i) for i in layers_to_crop)
+  expected = _abstract_resnet_variables(int(depth), crop)
   ignored_prefixes = ('fc.',) + tuple(f'layer{i}.' for i in crop)
   return _convert(state_dict, expected, lambda collection, path, name: name,
                   lambda key: key.startswith(ignored_prefixes), source, dtype)

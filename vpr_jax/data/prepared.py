@@ -44,6 +44,7 @@ Nothing here imports JAX: these functions run in data workers.
 
 from __future__ import annotations
 
+from concurrent import futures
 import dataclasses
 import hashlib
 import io
@@ -308,7 +309,9 @@ def prepare_training_data(index: PlaceIndex, out_dir: str, *,
   pool = None
   if num_workers > 0:
     # 'spawn': the caller may hold threads or an accelerator runtime that must not be forked.
-    pool = multiprocessing.get_context('spawn').Pool(num_workers)
+    # An executor (unlike multiprocessing.Pool) fails instead of hanging when a worker dies.
+    pool = futures.ProcessPoolExecutor(num_workers,
+                                       mp_context=multiprocessing.get_context('spawn'))
   try:
     for shard in range(num_shards):
       lo, hi = shard * records_per_shard, min(num_images, (shard + 1) * records_per_shard)
@@ -321,7 +324,7 @@ def prepare_training_data(index: PlaceIndex, out_dir: str, *,
       tmp_path = os.path.join(partial, name + '.inprogress')
       writer = array_record_module.ArrayRecordWriter(tmp_path, 'group_size:1')
       bad, num_bytes = [], 0
-      results = (pool.imap(job, paths[lo:hi], chunksize=_CHUNK_SIZE) if pool is not None
+      results = (pool.map(job, paths[lo:hi], chunksize=_CHUNK_SIZE) if pool is not None
                  else map(job, paths[lo:hi]))
       last_report = time.perf_counter()
       for offset, (data, reason) in enumerate(results):
@@ -348,8 +351,7 @@ def prepare_training_data(index: PlaceIndex, out_dir: str, *,
       progress(f'shard {shard + 1}/{num_shards} written ({done_images}/{num_images} images)')
   finally:
     if pool is not None:
-      pool.terminate()
-      pool.join()
+      pool.shutdown(wait=True, cancel_futures=True)
   seconds = time.perf_counter() - start
 
   _save_index(os.path.join(partial, INDEX_FILE), index)
@@ -474,7 +476,9 @@ class PreparedSource:
     self._num_records = sum(self._counts)
     with np.load(os.path.join(self._directory, INDEX_FILE), allow_pickle=False) as data:
       self._place_offsets = np.asarray(data['place_offsets'], np.int64)
-      self._image_paths = data['image_paths']
+    # The paths (tens of MB for GSV-Cities) are only needed for messages: loaded on first use,
+    # never pickled into workers.
+    self._image_paths = None
     self.image_size = tuple(info['image_size']) if info.get('image_size') else None
     self.short_side = info.get('short_side')
     self._source_root = info.get('source_root', '')
@@ -493,6 +497,7 @@ class PreparedSource:
   def __getstate__(self):
     state = self.__dict__.copy()
     state['_reader'] = None
+    state['_image_paths'] = None
     return state
 
   def __len__(self) -> int:
@@ -513,7 +518,11 @@ class PreparedSource:
 
   def source_path(self, record: int) -> str:
     """The source image a record was prepared from (absolute; for messages)."""
-    relative = self._image_paths[self._check(record)].decode('utf-8')
+    record = self._check(record)
+    if self._image_paths is None:
+      with np.load(os.path.join(self._directory, INDEX_FILE), allow_pickle=False) as data:
+        self._image_paths = data['image_paths']
+    relative = self._image_paths[record].decode('utf-8')
     return os.path.join(self._source_root, relative)
 
   def place_records(self, place: int) -> np.ndarray:

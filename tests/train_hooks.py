@@ -1,0 +1,151 @@
+r"""`python -m vpr_jax.train` with fault and recording hooks, for the end-to-end tests.
+
+  python -m tests.train_hooks --config configs/demo.py --workdir DIR [--config.x=y ...]
+
+takes exactly the flags of `vpr_jax.train`. Hooks are chosen by environment variables:
+
+  VPR_TEST_MARKER_DIR          folder where the hooks below announce that they were reached.
+  VPR_TEST_PAUSE_AFTER_STEP=k  once the training record of step k is in metrics.jsonl (before
+                               that step is checkpointed): create <marker dir>/paused_at_<k>
+                               and sleep, for the test to kill the process there.
+  VPR_TEST_BLOCK_IN_SAVE_STEP=k  inside the checkpoint write of step k, after orbax created its
+                               temporary folder: create <marker dir>/saving_<k> and sleep.
+  VPR_TEST_RECORD_DIR=DIR      after every step, append to DIR/process_<i>.jsonl: the step, the
+                               loss, a SHA-1 of the parameters held by each local device, a
+                               float64 sum of every parameter leaf, and the labels of the batch
+                               this process fed.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+from absl import app
+import jax
+import numpy as np
+
+from vpr_jax import checkpointing
+from vpr_jax import train
+from vpr_jax import training
+
+_SLEEP_SECONDS = 600
+
+
+def _env_int(name):
+  value = os.environ.get(name, '')
+  return int(value) if value else None
+
+
+def _announce(name):
+  marker_dir = os.environ['VPR_TEST_MARKER_DIR']
+  os.makedirs(marker_dir, exist_ok=True)
+  with open(os.path.join(marker_dir, name), 'w') as f:
+    f.write(str(os.getpid()))
+
+
+def _install_pause_after_step(step):
+  real_write = training._MetricsFile.write  # pylint: disable=protected-access
+
+  def write(self, record):
+    real_write(self, record)
+    if record.get('step') == step and 'loss' in record:
+      _announce(f'paused_at_{step}')
+      time.sleep(_SLEEP_SECONDS)
+
+  training._MetricsFile.write = write  # pylint: disable=protected-access
+
+
+def _install_block_in_save(step):
+  saving = {'step': None}
+  real_save = checkpointing.TrainCheckpointer.save
+  real_json_save = checkpointing.ocp.JsonCheckpointHandler.async_save
+
+  def save(self, step_, **kwargs):
+    saving['step'] = step_
+    try:
+      return real_save(self, step_, **kwargs)
+    finally:
+      saving['step'] = None
+
+  def json_save(self, directory, *args, **kwargs):
+    if saving['step'] == step:
+      _announce(f'saving_{step}')
+      time.sleep(_SLEEP_SECONDS)
+    return real_json_save(self, directory, *args, **kwargs)
+
+  checkpointing.TrainCheckpointer.save = save
+  checkpointing.ocp.JsonCheckpointHandler.async_save = json_save
+
+
+def _local_rows(array):
+  """This process's rows of a global batch array, in order."""
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  rows, seen = [], set()
+  for shard in shards:
+    start = shard.index[0].start or 0
+    if start not in seen:  # replicated copies of a row block appear once
+      seen.add(start)
+      rows.append(np.asarray(shard.data).reshape((-1,) + array.shape[1:]))
+  return np.concatenate(rows)
+
+
+def _install_recorder(record_dir):
+  os.makedirs(record_dir, exist_ok=True)
+  real_get_programs = training._get_programs  # pylint: disable=protected-access
+
+  def record(state, metrics, batch):
+    digests = {}
+    for leaf in jax.tree.leaves(state.params):
+      for shard in leaf.addressable_shards:
+        digests.setdefault(shard.device.id, hashlib.sha1()).update(
+            np.ascontiguousarray(np.asarray(shard.data)).tobytes())
+    sums = [float(np.sum(np.asarray(leaf.addressable_shards[0].data), dtype=np.float64))
+            for leaf in jax.tree.leaves(state.params)]
+    entry = {
+        'process': jax.process_index(),
+        'step': int(np.asarray(state.step.addressable_shards[0].data)),
+        'loss': float(np.asarray(metrics['loss'].addressable_shards[0].data)),
+        'param_sha1': {str(device): d.hexdigest() for device, d in sorted(digests.items())},
+        'param_sums': sums,
+        'labels': _local_rows(batch['labels']).reshape(-1).tolist(),
+    }
+    # jax.process_index() is only valid once vpr_jax.train has joined the other processes.
+    path = os.path.join(record_dir, f'process_{jax.process_index()}.jsonl')
+    with open(path, 'a') as f:
+      f.write(json.dumps(entry) + '\n')
+
+  def get_programs(config, steps_per_epoch):
+    programs = real_get_programs(config, steps_per_epoch)
+    real_step = programs.train_step
+
+    def step(state, batch, rng):
+      state, metrics = real_step(state, batch, rng)
+      record(state, metrics, batch)
+      return state, metrics
+
+    return dataclasses.replace(programs, train_step=step)
+
+  training._get_programs = get_programs  # pylint: disable=protected-access
+
+
+def install_hooks():
+  """Installs the hooks named by the environment (see the module docstring)."""
+  pause = _env_int('VPR_TEST_PAUSE_AFTER_STEP')
+  if pause is not None:
+    _install_pause_after_step(pause)
+  block = _env_int('VPR_TEST_BLOCK_IN_SAVE_STEP')
+  if block is not None:
+    _install_block_in_save(block)
+  if os.environ.get('VPR_TEST_RECORD_DIR'):
+    _install_recorder(os.environ['VPR_TEST_RECORD_DIR'])
+
+
+def main(argv):
+  install_hooks()
+  train.main(argv)
+
+
+if __name__ == '__main__':
+  app.run(main)
