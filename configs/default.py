@@ -149,6 +149,9 @@ def get_config():
   config.checkpoint_every_steps = 0
   # Log training metrics every this many steps.
   config.log_every_steps = 50
+  # After training, write this many query + top-5 prediction PNGs of each validation set to
+  # <workdir>/predictions/ (green border: within the positive radius; red: not).
+  config.visualize_queries = 0
   # What to do on a non-finite loss or gradient: 'stop' or 'skip' (the step is not applied).
   config.on_nonfinite = 'stop'
   return config

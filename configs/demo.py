@@ -47,5 +47,6 @@ def get_config():
   config.optim.milestones = (3,)
   config.num_epochs = 4
   config.eval_before_training = True
+  config.visualize_queries = 12
   config.log_every_steps = 10
   return config

@@ -10,13 +10,18 @@ takes exactly the flags of `vpr_jax.train`. Hooks are chosen by environment vari
                                and sleep, for the test to kill the process there.
   VPR_TEST_BLOCK_IN_SAVE_STEP=k  inside the checkpoint write of step k, after orbax created its
                                temporary folder: create <marker dir>/saving_<k> and sleep.
+  VPR_TEST_NONFINITE_AT_STEP=k  step k (1-based) starts from parameters with a NaN in them, so
+                               its loss and gradients are NaN (what a diverging run produces).
+  VPR_TEST_ENOSPC_AT_STEP=k    writing the checkpoint of step k fails inside orbax with
+                               OSError(ENOSPC), as on a full disk.
   VPR_TEST_RECORD_DIR=DIR      after every step, append to DIR/process_<i>.jsonl: the step, the
-                               loss, a SHA-1 of the parameters held by each local device, a
-                               float64 sum of every parameter leaf, and the labels of the batch
-                               this process fed.
+                               loss, a SHA-1 of the parameters held by each local device, the
+                               float64 sum and L2 norm of every parameter leaf, and the labels
+                               of the batch this process fed.
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -57,26 +62,76 @@ def _install_pause_after_step(step):
   training._MetricsFile.write = write  # pylint: disable=protected-access
 
 
-def _install_block_in_save(step):
-  saving = {'step': None}
+_saving = {'step': None}  # the step TrainCheckpointer.save is writing, None outside a save
+
+
+def _track_saved_step():
+  if getattr(checkpointing.TrainCheckpointer.save, 'tracks_step', False):
+    return
   real_save = checkpointing.TrainCheckpointer.save
+
+  def save(self, step, **kwargs):
+    _saving['step'] = step
+    try:
+      return real_save(self, step, **kwargs)
+    finally:
+      _saving['step'] = None
+
+  save.tracks_step = True
+  checkpointing.TrainCheckpointer.save = save
+
+
+def _install_block_in_save(step):
+  _track_saved_step()
   real_json_save = checkpointing.ocp.JsonCheckpointHandler.async_save
 
-  def save(self, step_, **kwargs):
-    saving['step'] = step_
-    try:
-      return real_save(self, step_, **kwargs)
-    finally:
-      saving['step'] = None
-
-  def json_save(self, directory, *args, **kwargs):
-    if saving['step'] == step:
+  async def json_save(self, directory, *args, **kwargs):
+    if _saving['step'] == step:
       _announce(f'saving_{step}')
-      time.sleep(_SLEEP_SECONDS)
-    return real_json_save(self, directory, *args, **kwargs)
+      time.sleep(_SLEEP_SECONDS)  # blocks the whole save, as a stalled write would
+    return await real_json_save(self, directory, *args, **kwargs)
 
-  checkpointing.TrainCheckpointer.save = save
   checkpointing.ocp.JsonCheckpointHandler.async_save = json_save
+
+
+def _install_enospc_at_step(step):
+  _track_saved_step()
+  real_array_save = checkpointing.ocp.StandardCheckpointHandler.async_save
+
+  async def array_save(self, directory, *args, **kwargs):
+    if _saving['step'] == step:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    return await real_array_save(self, directory, *args, **kwargs)
+
+  checkpointing.ocp.StandardCheckpointHandler.async_save = array_save
+
+
+def _wrap_train_step(wrap):
+  """Replaces the compiled step of the run by wrap(step) (the cached original is kept)."""
+  real_get_programs = training._get_programs  # pylint: disable=protected-access
+
+  def get_programs(*args, **kwargs):
+    programs = real_get_programs(*args, **kwargs)
+    return dataclasses.replace(programs, train_step=wrap(programs.train_step))
+
+  training._get_programs = get_programs  # pylint: disable=protected-access
+
+
+def _install_nonfinite_at_step(step):
+
+  def wrap(real_step):
+    # A NaN in the first parameter leaf (not a scalar): the forward pass spreads it to the loss.
+
+    def train_step(state, batch, rng):
+      if int(np.asarray(state.step.addressable_shards[0].data)) == step - 1:
+        poison = lambda x: x * np.float32('nan') if x.ndim else x
+        leaves, tree = jax.tree.flatten(state.params)
+        state = state.replace(params=jax.tree.unflatten(tree, [poison(leaves[0])] + leaves[1:]))
+      return real_step(state, batch, rng)
+
+    return train_step
+
+  _wrap_train_step(wrap)
 
 
 def _local_rows(array):
@@ -93,7 +148,6 @@ def _local_rows(array):
 
 def _install_recorder(record_dir):
   os.makedirs(record_dir, exist_ok=True)
-  real_get_programs = training._get_programs  # pylint: disable=protected-access
 
   def record(state, metrics, batch):
     digests = {}
@@ -101,14 +155,15 @@ def _install_recorder(record_dir):
       for shard in leaf.addressable_shards:
         digests.setdefault(shard.device.id, hashlib.sha1()).update(
             np.ascontiguousarray(np.asarray(shard.data)).tobytes())
-    sums = [float(np.sum(np.asarray(leaf.addressable_shards[0].data), dtype=np.float64))
-            for leaf in jax.tree.leaves(state.params)]
+    leaves = [np.asarray(leaf.addressable_shards[0].data, np.float64)
+              for leaf in jax.tree.leaves(state.params)]
     entry = {
         'process': jax.process_index(),
         'step': int(np.asarray(state.step.addressable_shards[0].data)),
         'loss': float(np.asarray(metrics['loss'].addressable_shards[0].data)),
         'param_sha1': {str(device): d.hexdigest() for device, d in sorted(digests.items())},
-        'param_sums': sums,
+        'param_sums': [float(np.sum(x)) for x in leaves],
+        'param_norms': [float(np.linalg.norm(x)) for x in leaves],
         'labels': _local_rows(batch['labels']).reshape(-1).tolist(),
     }
     # jax.process_index() is only valid once vpr_jax.train has joined the other processes.
@@ -116,18 +171,16 @@ def _install_recorder(record_dir):
     with open(path, 'a') as f:
       f.write(json.dumps(entry) + '\n')
 
-  def get_programs(config, steps_per_epoch):
-    programs = real_get_programs(config, steps_per_epoch)
-    real_step = programs.train_step
+  def wrap(real_step):
 
-    def step(state, batch, rng):
+    def train_step(state, batch, rng):
       state, metrics = real_step(state, batch, rng)
       record(state, metrics, batch)
       return state, metrics
 
-    return dataclasses.replace(programs, train_step=step)
+    return train_step
 
-  training._get_programs = get_programs  # pylint: disable=protected-access
+  _wrap_train_step(wrap)
 
 
 def install_hooks():
@@ -138,6 +191,12 @@ def install_hooks():
   block = _env_int('VPR_TEST_BLOCK_IN_SAVE_STEP')
   if block is not None:
     _install_block_in_save(block)
+  nonfinite = _env_int('VPR_TEST_NONFINITE_AT_STEP')
+  if nonfinite is not None:
+    _install_nonfinite_at_step(nonfinite)
+  enospc = _env_int('VPR_TEST_ENOSPC_AT_STEP')
+  if enospc is not None:
+    _install_enospc_at_step(enospc)
   if os.environ.get('VPR_TEST_RECORD_DIR'):
     _install_recorder(os.environ['VPR_TEST_RECORD_DIR'])
 

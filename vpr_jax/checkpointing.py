@@ -19,6 +19,7 @@ removed only after the new one is committed.
 import base64
 import contextlib
 import datetime
+import errno
 import functools
 import json
 import os
@@ -382,7 +383,8 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, where: str,
     restored = manager.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointMismatchError(
-        f'Failed to restore {where}: {type(e).__name__}: {e}. The checkpoint may be truncated.'
+        f'Failed to restore {where}: {type(e).__name__}: {_short_error(e)}. The checkpoint may '
+        'be truncated.'
     ) from e
   return {name: restored[name] for name in args}
 
@@ -539,6 +541,56 @@ def decode_iterator_state(encoded: Optional[Mapping]):
   raise ValueError(f'Unknown data iterator state encoding {encoding!r}.')
 
 
+def check_resumable(directory: str, config: ml_collections.ConfigDict) -> list[str]:
+  """Checks, without writing anything, that a run of `config` may resume from `directory`.
+
+  Args:
+    directory: a checkpoint directory (it need not exist).
+    config: the configuration of this run.
+
+  Returns:
+    The run settings (`RESUMABLE_CONFIG_FIELDS`) that differ from the checkpoint's, as lines.
+
+  Raises:
+    CheckpointMismatchError: the checkpoint was written with another configuration (the
+      differing fields are listed), or it holds steps but no config.json.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(os.path.join(directory, CONFIG_FILENAME)):
+    saved = read_config(directory)
+    differences = config_differences(saved, config, ignore=RESUMABLE_CONFIG_FIELDS)
+    if differences:
+      raise CheckpointMismatchError(
+          f'The checkpoint in {directory} was written with a different configuration; '
+          'use another workdir or the same configuration. Differences:\n  ' +
+          '\n  '.join(differences))
+    return config_differences(saved, config)
+  if _finalized_steps(os.path.join(directory, LATEST_SUBDIR)) or _finalized_steps(
+      os.path.join(directory, BEST_SUBDIR)):
+    raise CheckpointMismatchError(
+        f'{directory} holds checkpoint steps but no {CONFIG_FILENAME}; refusing to resume '
+        'from or write over a checkpoint whose configuration is unknown.')
+  return []
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (e.g. the disk is full); older checkpoints are intact."""
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  # tensorstore reports ENOSPC as a ValueError whose text carries the OS error.
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    return True
+  text = str(error)
+  return 'No space left on device' in text or "os_error_code='28'" in text
+
+
+def _short_error(error: BaseException, limit: int = 600) -> str:
+  # tensorstore appends its whole JSON spec to the message: keep the part a reader needs.
+  text = str(error).split(' [tensorstore_spec=')[0]
+  return text if len(text) <= limit else text[:limit] + ' ...'
+
+
 class TrainCheckpointer:
   """Best-N (by validation R@1) and latest training checkpoints of one run.
 
@@ -563,22 +615,9 @@ class TrainCheckpointer:
     if keep_best < 1:
       raise ValueError(f'keep_best must be >= 1, got {keep_best}.')
     config_path = os.path.join(self.directory, CONFIG_FILENAME)
-    if os.path.exists(config_path):
-      saved = read_config(self.directory)
-      differences = config_differences(saved, config, ignore=RESUMABLE_CONFIG_FIELDS)
-      if differences:
-        raise CheckpointMismatchError(
-            f'The checkpoint in {self.directory} was written with a different configuration; '
-            'use another workdir or the same configuration. Differences:\n  ' +
-            '\n  '.join(differences))
-      changed = config_differences(saved, config)
-      if changed:
-        logging.warning('Resuming with changed run settings:\n  %s', '\n  '.join(changed))
-    elif _finalized_steps(os.path.join(self.directory, LATEST_SUBDIR)) or _finalized_steps(
-        os.path.join(self.directory, BEST_SUBDIR)):
-      raise CheckpointMismatchError(
-          f'{self.directory} holds checkpoint steps but no {CONFIG_FILENAME}; refusing to resume '
-          'from or write over a checkpoint whose configuration is unknown.')
+    changed = check_resumable(self.directory, config)
+    if changed:
+      logging.warning('Resuming with changed run settings:\n  %s', '\n  '.join(changed))
     if jax.process_index() == 0:
       os.makedirs(self.directory, exist_ok=True)
       _write_text_atomic(config_path, config_to_json(config))
@@ -610,6 +649,10 @@ class TrainCheckpointer:
       data_iterator_state: the data iterator's `get_state()` (bytes or dict) or None.
       r1: validation R@1 of the first validation set; ranks best checkpoints.
       info: JSON-serialisable extra record (epoch, recalls, ...).
+
+    Raises:
+      CheckpointWriteError: the write failed (e.g. disk full); the message says which steps are
+        still on disk, all of them intact.
     """
     iterator_json = encode_iterator_state(data_iterator_state)
     info_json = dict(info or {}, step=int(step), r1=None if r1 is None else float(r1),
@@ -631,14 +674,31 @@ class TrainCheckpointer:
         self.best.save(step, args=ocp.args.Composite(**items), metrics={'r1': float(r1)})
       if step not in self.latest.all_steps():
         self.latest.save(step, args=ocp.args.Composite(**items))
-    except BaseException:
+    except BaseException as e:
       # Let the writers of the failed step finish before anyone touches its temporary folder.
       for manager in (self.best, self.latest):
         try:
           manager.wait_until_finished()
         except Exception:  # pylint: disable=broad-except
           pass
-      raise
+      if not isinstance(e, Exception):
+        raise
+      if jax.process_index() == 0:
+        # The half-written step is useless; removing it gives back the space it took.
+        for sub in (BEST_SUBDIR, LATEST_SUBDIR):
+          _remove_unfinished_saves(os.path.join(self.directory, sub))
+      latest = _finalized_steps(os.path.join(self.directory, LATEST_SUBDIR))
+      best = _finalized_steps(os.path.join(self.directory, BEST_SUBDIR))
+      disk_full = _is_disk_full(e)
+      error = CheckpointWriteError(
+          f'Could not save checkpoint step {step} in {self.directory}'
+          f'{" (no space left on device)" if disk_full else ""}: {type(e).__name__}: '
+          f'{_short_error(e)}\nThe previous checkpoints are intact (latest: steps {latest}, '
+          f'best: steps {best}); the half-written step was removed. '
+          f'{"Free some space, then rerun" if disk_full else "Rerun"} the same command to resume '
+          'from the latest of them.')
+      error.errno = errno.ENOSPC if disk_full else getattr(e, 'errno', None)
+      raise error from e
 
   @_quietly
   def restore(self, variables_target, train_target, step: Optional[int] = None) -> dict:

@@ -668,6 +668,16 @@ def evaluate(checkpoint: str | None, datasets: Sequence[str] | None = None,
   image_size = tuple(int(s) for s in config.image_size)
   radius = float(config.data.positive_radius_m)
   model = vpr_model.build_model(config)
+  if config is not checkpoint_config:
+    # A config of another architecture would otherwise fail deep inside the forward pass.
+    expected = jax.eval_shape(
+        lambda: vpr_model.init_variables(model, jax.random.PRNGKey(0), image_size))
+    differences = checkpointing.tree_differences(expected, variables)
+    if differences:
+      raise checkpointing.CheckpointMismatchError(
+          f'The variables of {os.path.abspath(checkpoint)} (step {step}) do not fit the model of '
+          'the given config; evaluate without --config, or with the config the checkpoint was '
+          'trained with. Differences:\n  ' + '\n  '.join(differences))
   root = data_root or config.data.root
 
   results = []

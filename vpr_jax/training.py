@@ -45,6 +45,7 @@ from vpr_jax import parallel
 ON_NONFINITE = ('stop', 'skip')
 METRICS_FILENAME = 'metrics.jsonl'
 TENSORBOARD_SUBDIR = 'tb'
+PREDICTIONS_SUBDIR = 'predictions'
 RECALL_NS = (1, 5, 10, 15, 20, 25)
 
 
@@ -302,16 +303,19 @@ def _host_state_parts(host_state: TrainState, rng) -> tuple[dict, dict]:
   return variables, jax.tree.map(np.asarray, train)
 
 
-def _iterator_state_for_process(state, process_index: int):
+def _iterator_state_for_process(state, process_index: int, process_count: int):
   """The saved data iterator state, addressed to this process.
 
   Checkpoints keep one copy of the iterator state (process 0's). The train pipeline's position is
-  the global step, the same on every process; only its fingerprint names the process (and its
-  bad-image counters are process 0's).
+  the global step, the same on every process and for any number of processes (the global batches
+  do not depend on how they are split); only its fingerprint names the process and the process
+  count (and its bad-image counters are process 0's). So a run may resume on another number of
+  hosts.
   """
   fingerprint = state.get('fingerprint') if isinstance(state, dict) else None
   if isinstance(fingerprint, dict) and 'process_index' in fingerprint:
-    state = dict(state, fingerprint=dict(fingerprint, process_index=process_index))
+    state = dict(state, fingerprint=dict(fingerprint, process_index=process_index,
+                                         process_count=process_count))
   return state
 
 
@@ -431,8 +435,12 @@ def clear_program_cache() -> None:
   _PROGRAMS.clear()
 
 
-def _get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int) -> _Programs:
-  """Model, optimiser and compiled functions of a configuration (cached per process)."""
+def _get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                  devices=None) -> _Programs:
+  """Model, optimiser and compiled functions of a configuration (cached per process).
+
+  `devices` (default: all) restricts data parallelism to some devices (benchmarks of scaling).
+  """
   from vpr_jax.models import vpr_model  # pylint: disable=g-import-not-at-top
   flat = json.loads(checkpointing.config_to_json(config))
   selected = {}
@@ -442,11 +450,11 @@ def _get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int) -> _P
       value = value[part]
     selected[field] = value
   key = json.dumps({'fields': selected, 'steps_per_epoch': steps_per_epoch,
-                    'devices': [d.id for d in jax.devices()]}, sort_keys=True)
+                    'devices': [d.id for d in (devices or jax.devices())]}, sort_keys=True)
   if key in _PROGRAMS:
     return _PROGRAMS[key]
 
-  dp = parallel.DataParallel(config.parallel)
+  dp = parallel.DataParallel(config.parallel, devices)
   model = vpr_model.build_model(config, bn_axis_name=dp.axis_name)
   image_size = tuple(int(s) for s in config.image_size)
   init = jax.jit(lambda rng: vpr_model.init_variables(model, rng, image_size))
@@ -469,6 +477,15 @@ def _get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int) -> _P
 
 # ----------------------------------------------------------------------------------------------
 # The loop.
+
+
+def _write_prediction_sheets(eval_results, workdir: str, num_queries: int, print_fn) -> None:
+  """Query + top-5 prediction sheets of the latest validation, one folder per dataset."""
+  from vpr_jax import visualize  # pylint: disable=g-import-not-at-top
+  for name, result in eval_results.items():
+    out_dir = os.path.join(workdir, PREDICTIONS_SUBDIR, name.replace('/', '_'))
+    written = visualize.visualize_predictions(result, out_dir, num_queries)
+    print_fn(f'Wrote {len(written)} prediction sheets of {name} to {out_dir}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -501,21 +518,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for name in config.data.val_datasets:
     benchmarks.resolve_benchmark_dir(name, data_root)
   train_dir = _resolve_under(data_root, config.data.train_dir)
+  if config.model.backbone_weights:
+    _backbone_weights_path(config, data_root)
+  # A checkpoint of another configuration is refused before the data is read.
+  checkpoint_dir = os.path.join(workdir, checkpointing.CHECKPOINTS_SUBDIR)
+  checkpointing.check_resumable(checkpoint_dir, config)
 
   sizes = parallel.batch_sizes(int(config.data.places_per_batch),
                                int(config.data.images_per_place))
-  # The checkpoint directory is checked against this config before anything is written.
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpointing.TrainCheckpointer(
-      os.path.join(workdir, checkpointing.CHECKPOINTS_SUBDIR), config)
-  if is_main:
-    checkpointing._write_text_atomic(  # pylint: disable=protected-access
-        os.path.join(workdir, checkpointing.CONFIG_FILENAME), checkpointing.config_to_json(config))
-
-  index = gsv_cities.build_place_index(
-      train_dir, config.data.train_layout, tuple(config.data.cities),
-      int(config.data.min_img_per_place), cache_dir=config.data.cache_dir,
-      rebuild=bool(config.data.rebuild_index))
+  prepared_source = None
+  if config.data.prepared_dir:
+    # Images resized once and re-encoded (`python -m vpr_jax.prepare`): same places and order.
+    from vpr_jax.data import prepared  # pylint: disable=g-import-not-at-top
+    index, prepared_source = prepared.open_prepared(
+        _resolve_under(data_root, config.data.prepared_dir), config)
+  else:
+    index = gsv_cities.build_place_index(
+        train_dir, config.data.train_layout, tuple(config.data.cities),
+        int(config.data.min_img_per_place), cache_dir=config.data.cache_dir,
+        rebuild=bool(config.data.rebuild_index))
   steps_per_epoch = train_pipeline.steps_per_epoch(index, config, process_count)
   num_steps = int(config.num_epochs) * steps_per_epoch
   last_step = min(num_steps, int(config.max_steps)) if config.max_steps else num_steps
@@ -532,7 +553,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_iter = train_pipeline.make_train_iterator(index, config, seed=int(config.seed),
                                                   process_index=process_index,
-                                                  process_count=process_count)
+                                                  process_count=process_count,
+                                                  prepared=prepared_source)
+
+  # Every input has been read and checked: a run that fails before here leaves no workdir behind.
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpointing.TrainCheckpointer(checkpoint_dir, config)
+  if is_main:
+    checkpointing._write_text_atomic(  # pylint: disable=protected-access
+        os.path.join(workdir, checkpointing.CONFIG_FILENAME), checkpointing.config_to_json(config))
   console_lines = []
   start_step = 0
   best = {'r1': None, 'step': None}
@@ -550,7 +579,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_rng = jnp.asarray(train_item['rng'])
     if restored['data_iterator_state'] is not None:
       train_iter.set_state(_iterator_state_for_process(restored['data_iterator_state'],
-                                                       process_index))
+                                                       process_index, process_count))
     start_step = int(train_item['step'])
     best_step = checkpointer.best_step()
     if best_step is not None:
@@ -582,6 +611,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _numpy_tree(dp.to_host(state))
 
   pending = []  # (step number, metrics on device) since the last training record
+  last_eval_results = {}  # dataset name -> evaluation.EvalResult of the latest validation
 
   def check_finite(step: int) -> int:
     """Raises (on_nonfinite='stop') for a bad step since the last check; returns the count."""
@@ -606,6 +636,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           num_workers=train_pipeline.resolve_num_workers(config.data.num_workers), ns=RECALL_NS)
       recall = {str(n): float(v) for n, v in result.recall.items()}
       results[bench.name] = recall
+      last_eval_results[bench.name] = result
       console.print(evaluation.format_recall_table(bench.name, result.recall))
       metrics_file.write({'step': step, 'epoch': step // steps_per_epoch, 'dataset': bench.name,
                           'recall': recall})
@@ -699,6 +730,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step > start_step and checkpointer.latest_step() != step:
       check_finite(step)
       save(step)
+    if is_main and int(config.visualize_queries) > 0 and last_eval_results:
+      _write_prediction_sheets(last_eval_results, workdir, int(config.visualize_queries),
+                               console.print)
   finally:
     console.close()
     train_iter.close()

@@ -36,6 +36,13 @@ Checkpointing. `TrainIterator.get_state()` is a small JSON-serialisable dict (th
 the bad-image counters); `set_state()` on a fresh iterator continues with exactly the batches the
 uninterrupted run would have produced.
 
+Prepared data. With `prepared` (a `vpr_jax.data.prepared.PreparedSource`, from
+`prepared.open_prepared`, whose index is then the one passed in), the images are read from the
+prepared ArrayRecord shards instead of the original files: record i is flat image i of the index,
+so the order, the draws and the labels are those of a run on the originals, and only the pixels
+differ by the JPEG re-encoding (none of the resize work is left when the data was prepared at
+config.image_size).
+
 Nothing here imports JAX (grain itself may import it; the workers never initialise a backend).
 """
 
@@ -213,12 +220,18 @@ class _LoadPlace:
   """grain map: (epoch, place) -> K decoded, resized, augmented images and their labels."""
 
   def __init__(self, index: PlaceIndex, seed: int, images_per_place: int, random_sample: bool,
-               transform: augment.TrainTransform):
+               transform: augment.TrainTransform, prepared: Any = None):
     self._index = index
     self._seed = seed
     self._k = images_per_place
     self._random_sample = random_sample
     self._transform = transform
+    self._prepared = prepared
+
+  def _load(self, image: int):
+    if self._prepared is not None:
+      return self._prepared.load_rgb(image)
+    return images.load_rgb(self._index.image_path(image))
 
   def __call__(self, element: np.ndarray) -> dict[str, np.ndarray]:
     epoch, place = int(element[0]), int(element[1])
@@ -230,9 +243,8 @@ class _LoadPlace:
     for image in candidates:
       if len(out) == self._k:
         break
-      path = index.image_path(int(image))
       try:
-        img = images.load_rgb(path)
+        img = self._load(int(image))
       except images.ImageDecodeError as e:
         bad += 1
         logging.warning('Skipping undecodable training image (place %d): %s', label, e)
@@ -403,7 +415,8 @@ class TrainIterator:
 
 
 def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int = 0,
-                        process_count: int = 1, num_workers: int | None = None) -> TrainIterator:
+                        process_count: int = 1, num_workers: int | None = None,
+                        prepared: Any = None) -> TrainIterator:
   """The training batches of this process over all `config.num_epochs` epochs.
 
   Args:
@@ -414,6 +427,8 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
     process_count: number of processes sharing each global batch.
     num_workers: grain worker processes; None takes config.data.num_workers (-1: one per core, at
       most 16); 0 reads in this process.
+    prepared: a `prepared.PreparedSource` holding the images of `index` (from
+      `prepared.open_prepared`); None reads the original files.
 
   Returns:
     A TrainIterator yielding the batches described in the module doc.
@@ -440,11 +455,16 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
   if prefetch <= 0:
     raise ValueError(f'data.prefetch_buffer_size must be positive, got {prefetch}.')
   workers = resolve_num_workers(data.num_workers if num_workers is None else num_workers)
+  if prepared is not None and len(prepared) != index.num_images:
+    raise ValueError(f'The prepared data in {getattr(prepared, "directory", prepared)!r} holds '
+                     f'{len(prepared)} images but the place index has {index.num_images}; pass '
+                     'the index and the source of the same prepared folder '
+                     '(prepared.open_prepared).')
 
   source = _EpochPlaceSource(index, seed, bool(data.shuffle_all), num_epochs, steps,
                              int(data.places_per_batch), places_local, process_index)
   loader = _LoadPlace(index, seed, k, bool(data.random_sample_from_each_place),
-                      augment.make_train_transform(config))
+                      augment.make_train_transform(config), prepared)
   batches = (grain.MapDataset.source(source).map(loader)
              .batch(places_local, drop_remainder=True))
   fingerprint = {
