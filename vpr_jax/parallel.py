@@ -192,9 +192,13 @@ class DataParallel:
     if self.mode == 'jit':
       def put(x):
         x = np.asarray(jax.device_get(x))
-        return jax.make_array_from_callback(x.shape, self._replicated, lambda index: x[index])
+        # A fresh copy per device: the CPU backend may alias a numpy buffer without copying, and
+        # the step donates the state, so shared (or caller-owned) memory would be overwritten.
+        return jax.make_array_from_callback(x.shape, self._replicated,
+                                            lambda index: np.array(x[index], copy=True))
       return jax.tree.map(put, tree)
     n = self.num_local_devices
+    # np.stack makes a new buffer, so donation never writes into the caller's arrays.
     return jax.tree.map(
         lambda x: jax.device_put(np.stack([np.asarray(jax.device_get(x))] * n), self._sharded),
         tree)
