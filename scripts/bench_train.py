@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import datetime
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -93,7 +94,7 @@ _TORCH_FROZEN_MODULES = {0: (0, 1), 1: (4,), 2: (5,), 3: (6,)}
 # Configs.
 
 
-def bench_config(path: str, args, augment: str = 'none'):
+def bench_config(path: str, args, augment: str = 'none', parallel_mode: str = 'jit'):
   """A config file with the command line's overrides (image size, P x K, dtype, augment)."""
   config = bench_eval.load_config(path)
   if args.image_size:
@@ -106,7 +107,7 @@ def bench_config(path: str, args, augment: str = 'none'):
   if args.dtype:
     config.model.dtype = args.dtype
   config.data.augment = augment
-  config.parallel = 'jit'
+  config.parallel = parallel_mode
   return config
 
 
@@ -844,6 +845,8 @@ def parse_args(argv=None):
                       help='compute mode: none and/or device (device RandAugment in the step)')
   parser.add_argument('--augment', default='device', choices=('none', 'device', 'randaugment'),
                       help='end_to_end / pipeline augmentation (data.augment)')
+  parser.add_argument('--parallel', type=_choices(('jit', 'pmap')), default=['jit'],
+                      help="compute mode: data-parallel implementations to time ('jit,pmap')")
   parser.add_argument('--num_devices', type=_int_list, default=None,
                       help='compute mode: device counts to run on, e.g. 1,8 (a scaling study: '
                       'P grows with the devices); end_to_end and eval use the first count '
@@ -926,24 +929,25 @@ def run_compute(args, results):
   for path in args.configs:
     name = config_name(path)
     reference = None
-    for augment in args.compute_augment:
-      config = bench_config(path, args, augment)
+    for augment, parallel_mode in itertools.product(args.compute_augment, args.parallel):
+      config = bench_config(path, args, augment, parallel_mode)
       for count in device_counts:
         label = name + ('' if augment == 'none' else ' +device-augment') + (
             f' ({count} device{"s" if count > 1 else ""})'
-            if len(device_counts) > 1 or count > 1 else '')
+            if len(device_counts) > 1 or count > 1 else '') + (
+                f' [{parallel_mode}]' if len(args.parallel) > 1 else '')
         out = bench_vpr_jax_step(config, args.warmup, args.steps, args.seed,
                                  devices=jax.devices()[:count],
                                  weak_scaling=scaling_study and not args.strong_scaling)
         row = {'label': label, 'config': name, 'config_file': path, 'augment': augment,
-               'num_devices': count, 'batch': out['batch'],
+               'parallel': parallel_mode, 'num_devices': count, 'batch': out['batch'],
                'image_size': list(config.image_size), 'vpr_jax_img_per_s': out['img_per_s'],
                'vpr_jax': out, 'peak_device_bytes_after': peak_device_memory()}
         print(f'{label}: vpr_jax {_rate(out["img_per_s"])} img/s ({out["dtype"]}, batch '
               f'{out["batch"]}, compile {out["compile_seconds"]:.1f} s, '
               f'{out.get("gflop_per_image", float("nan")):.2f} GFLOP/img, '
               f'{out["hlo_convolutions"]} convolutions)', flush=True)
-        if augment == 'none' and count == 1 and variants:
+        if augment == 'none' and count == 1 and variants and parallel_mode == args.parallel[0]:
           if reference is None:
             reference = {}
             for variant in variants:
@@ -966,7 +970,8 @@ def run_compute(args, results):
             row.update({'reference_variant': best, 'reference_img_per_s': rates[best],
                         'ratio': out['img_per_s'] / rates[best]})
         results['compute'].append(row)
-  counts = [r for r in results['compute'] if r['augment'] == 'none']
+  counts = [r for r in results['compute']
+            if r['augment'] == 'none' and r['parallel'] == args.parallel[0]]
   for name in {r['config'] for r in counts}:
     single = [r for r in counts if r['config'] == name and r['num_devices'] == 1]
     for r in counts:
