@@ -68,6 +68,7 @@ def synthetic_overrides(config_file: str) -> list[str]:
       '--config.optim.warmup_steps=2',
       '--config.optim.milestones=(1,)',
       '--config.log_every_steps=1',
+      '--config.eval_before_training=True',
   ]
 
 

@@ -241,7 +241,9 @@ def _r1_of(metrics: Mapping[str, Any]) -> float:
 
 def _make_manager(directory: str, *, max_to_keep: Optional[int], best: bool,
                   read_only: bool = False) -> ocp.CheckpointManager:
+  # A read-only manager needs no save interval; giving none keeps orbax from warning about it.
   options = ocp.CheckpointManagerOptions(
+      save_interval_steps=0 if read_only else 1,
       max_to_keep=max_to_keep,
       best_fn=_r1_of if best else None,
       best_mode='max',
