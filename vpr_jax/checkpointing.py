@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import shutil
+import time
 import uuid
 from typing import Any, Mapping, Optional, Sequence
 
@@ -288,14 +289,29 @@ def _quietly(fn):
   return wrapper
 
 
-def _remove_unfinished_saves(manager_dir: str) -> None:
-  """Deletes the temporary folders of saves that never completed (crash, failed write)."""
+def _unfinished_saves(manager_dir: str) -> list[str]:
   if not os.path.isdir(manager_dir):
-    return
-  for name in os.listdir(manager_dir):
-    if '.orbax-checkpoint-tmp' in name:
-      logging.info('Removing unfinished checkpoint %s', os.path.join(manager_dir, name))
-      shutil.rmtree(os.path.join(manager_dir, name), ignore_errors=True)
+    return []
+  return [os.path.join(manager_dir, name) for name in os.listdir(manager_dir)
+          if '.orbax-checkpoint-tmp' in name]
+
+
+def _remove_unfinished_saves(manager_dir: str, attempts: int = 20) -> None:
+  """Deletes the temporary folders of saves that never completed (crash, failed write).
+
+  After a failed save, writer threads of the step's other items can still create files for a
+  moment, so a folder removed once may come back: it is removed again until none is left (or
+  `attempts` tries, 0.1 s apart, have been made).
+  """
+  for attempt in range(attempts):
+    leftovers = _unfinished_saves(manager_dir)
+    if not leftovers:
+      return
+    if attempt:
+      time.sleep(0.1)
+    for path in leftovers:
+      logging.info('Removing unfinished checkpoint %s', path)
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def _tree_signature(tree) -> dict[str, tuple]:
