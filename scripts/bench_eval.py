@@ -23,15 +23,17 @@ FAISS timings and memory, to --output.
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_SCRIPTS))
+sys.path.insert(0, _SCRIPTS)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_common
 import jax
 import numpy as np
 
@@ -351,12 +353,7 @@ def main(argv=None) -> dict:
       'peak_device_bytes': peak,
   }
   if args.output:
-    tmp = f'{args.output}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(results, f, indent=1, default=str)
-      f.write('\n')
-    os.replace(tmp, args.output)
-    print(f'Wrote {args.output}')
+    bench_common.write_json(args.output, results)
   return results
 
 

@@ -14,7 +14,6 @@ The first batch of each run (worker start-up) and --warmup-batches more are not 
 """
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -24,23 +23,17 @@ import time
 
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_SCRIPTS))
+sys.path.insert(0, _SCRIPTS)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_common
 from configs import default
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import synthetic
 from vpr_jax.data import train_pipeline
 # pylint: enable=g-import-not-at-top,wrong-import-position
-
-
-def _pair(text):
-  values = [int(v) for v in text.replace('x', ',').split(',')]
-  if len(values) == 1:
-    values *= 2
-  if len(values) != 2 or min(values) <= 0:
-    raise argparse.ArgumentTypeError(f'expected H,W (or one size), got {text!r}')
-  return tuple(values)
 
 
 def _workers(text):
@@ -67,12 +60,12 @@ def parse_args(argv=None):
                       help='untimed batches after the first one')
   parser.add_argument('--places-per-batch', type=int, default=8)
   parser.add_argument('--images-per-place', type=int, default=4)
-  parser.add_argument('--image-size', type=_pair, default=(224, 224), help='H,W fed to the model')
+  parser.add_argument('--image-size', type=bench_common.parse_hw, default=(224, 224), help='H,W fed to the model')
   parser.add_argument('--augment', default='randaugment', choices=('randaugment', 'none'))
   parser.add_argument('--prefetch', type=int, default=2, help='batches prefetched per worker')
   parser.add_argument('--synthetic-places', type=int, default=16,
                       help='places of the synthetic set')
-  parser.add_argument('--source-size', type=_pair, default=(240, 320),
+  parser.add_argument('--source-size', type=bench_common.parse_hw, default=(240, 320),
                       help='H,W of the synthetic JPEGs (GSV-Cities images are 480,640)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--output', default='', help='also write the results to this JSON file')
@@ -180,9 +173,7 @@ def main(argv=None):
   print()
   print(format_table(report))
   if args.output:
-    with open(args.output, 'w') as f:
-      json.dump(report, f, indent=1)
-    print(f'Wrote {args.output}')
+    bench_common.write_json(args.output, report)
   return report
 
 

@@ -45,7 +45,6 @@ import contextlib
 import datetime
 import importlib.util
 import itertools
-import json
 import os
 import platform
 import queue
@@ -67,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_common
 import bench_eval
 from vpr_jax import evaluation
 from vpr_jax import parallel
@@ -797,15 +797,6 @@ def format_e2e_table(rows) -> str:
 # Driver.
 
 
-def _pair(text):
-  values = [int(v) for v in text.replace('x', ',').split(',')]
-  if len(values) == 1:
-    values *= 2
-  if len(values) != 2 or min(values) <= 0:
-    raise argparse.ArgumentTypeError(f'expected H,W (or one size), got {text!r}')
-  return tuple(values)
-
-
 def _int_list(text):
   try:
     values = [int(v) for v in text.split(',') if v.strip()]
@@ -866,7 +857,7 @@ def parse_args(argv=None):
                       help='prepared folder (default: prepare --train_dir into a temp folder)')
   parser.add_argument('--synthetic_places', type=int, default=None,
                       help='places of the synthetic set (default 400; --tiny: 8)')
-  parser.add_argument('--source_size', type=_pair, default=None,
+  parser.add_argument('--source_size', type=bench_common.parse_hw, default=None,
                       help='H,W of the synthetic JPEGs (default 480,640 as GSV-Cities; --tiny: '
                       '48,64)')
   parser.add_argument('--workers', type=int, default=None,
@@ -1106,12 +1097,7 @@ def main(argv=None) -> dict:
   print('Peak device memory: ' + (f'{peak / 2**30:.2f} GiB' if peak is not None
                                   else f'n/a (not reported by {env["backend"]})'))
   if args.output:
-    tmp = f'{args.output}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(results, f, indent=1, default=str)
-      f.write('\n')
-    os.replace(tmp, args.output)
-    print(f'Wrote {args.output}')
+    bench_common.write_json(args.output, results)
   return results
 
 
