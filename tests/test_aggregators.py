@@ -250,7 +250,7 @@ def test_seed_mixvpr_parameter_count():
   count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes))
   assert count == 454_660  # The seed's "454 K".
   assert aggregators.descriptor_dim(config, 256, (14, 14)) == 1024
-  torch = pytest.importorskip('torch', reason='torch is the reference implementation')
+  pytest.importorskip('torch', reason='torch is the reference implementation')
   reference = torch_reference_modules().MixVPR(256, 14, 14, 256, 5, 1, 4)
   assert count == sum(p.numel() for p in reference.parameters())
 
