@@ -23,3 +23,21 @@ def write_json(path: str, results) -> None:
     f.write('\n')
   os.replace(tmp, path)
   print(f'Wrote {path}')
+
+
+def format_rate(value) -> str:
+  """An images/s figure with thousands separators, or 'n/a'."""
+  return f'{value:,.0f}' if isinstance(value, (int, float)) else 'n/a'
+
+
+def format_table(header, lines) -> str:
+  """A plain-text table: first column left-aligned, the others right-aligned."""
+  lines = [tuple(header)] + [tuple(line) for line in lines]
+  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+  out = []
+  for i, line in enumerate(lines):
+    out.append('  '.join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j])
+                         for j, cell in enumerate(line)))
+    if i == 0:
+      out.append('  '.join('-' * width for width in widths))
+  return '\n'.join(out)

@@ -240,26 +240,17 @@ def bench_torch(config, batch_size: int, warmup: int, iters: int, channels_last:
 # Driver.
 
 
-def _fmt_rate(value):
-  return f'{value:,.0f}' if isinstance(value, (int, float)) else 'n/a'
-
-
 def format_table(rows) -> str:
-  header = ('config', 'batch', 'vpr_jax img/s', 'reference img/s', 'ratio')
-  lines = [header]
+  """config, batch, vpr_jax img/s, reference img/s, ratio."""
+  lines = []
   for r in rows:
     ratio = r.get('ratio')
-    lines.append((r['config'], str(r['batch']), _fmt_rate(r.get('vpr_jax_img_per_s')),
-                  _fmt_rate(r.get('reference_img_per_s')),
+    lines.append((r['config'], str(r['batch']),
+                  bench_common.format_rate(r.get('vpr_jax_img_per_s')),
+                  bench_common.format_rate(r.get('reference_img_per_s')),
                   f'{ratio:.2f}x' if ratio is not None else 'n/a'))
-  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  out = []
-  for i, line in enumerate(lines):
-    out.append('  '.join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j])
-                         for j, cell in enumerate(line)))
-    if i == 0:
-      out.append('  '.join('-' * wd for wd in widths))
-  return '\n'.join(out)
+  return bench_common.format_table(
+      ('config', 'batch', 'vpr_jax img/s', 'reference img/s', 'ratio'), lines)
 
 
 def parse_args(argv=None):
@@ -336,8 +327,9 @@ def main(argv=None) -> dict:
       except NotImplementedError as e:
         row['reference'] = {'skipped': str(e)}
     rows.append(row)
-    print(f'{name}: vpr_jax {_fmt_rate(row["vpr_jax_img_per_s"])} img/s '
-          f'({jax_result["dtype"]}), reference {_fmt_rate(row.get("reference_img_per_s"))} '
+    rate, reference_rate = (bench_common.format_rate(row['vpr_jax_img_per_s']),
+                            bench_common.format_rate(row.get('reference_img_per_s')))
+    print(f'{name}: vpr_jax {rate} img/s ({jax_result["dtype"]}), reference {reference_rate} '
           'img/s', flush=True)
 
   print()

@@ -60,7 +60,8 @@ def parse_args(argv=None):
                       help='untimed batches after the first one')
   parser.add_argument('--places-per-batch', type=int, default=8)
   parser.add_argument('--images-per-place', type=int, default=4)
-  parser.add_argument('--image-size', type=bench_common.parse_hw, default=(224, 224), help='H,W fed to the model')
+  parser.add_argument('--image-size', type=bench_common.parse_hw, default=(224, 224),
+                      help='H,W fed to the model')
   parser.add_argument('--augment', default='randaugment', choices=('randaugment', 'none'))
   parser.add_argument('--prefetch', type=int, default=2, help='batches prefetched per worker')
   parser.add_argument('--synthetic-places', type=int, default=16,

@@ -756,20 +756,7 @@ def bench_eval_prepared(config, source, batch_size: int, workers: int, num_batch
 # Tables.
 
 
-def _rate(value) -> str:
-  return f'{value:,.0f}' if isinstance(value, (int, float)) else 'n/a'
-
-
-def _table(header, lines) -> str:
-  lines = [tuple(header)] + [tuple(line) for line in lines]
-  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-  out = []
-  for i, line in enumerate(lines):
-    out.append('  '.join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j])
-                         for j, cell in enumerate(line)))
-    if i == 0:
-      out.append('  '.join('-' * wd for wd in widths))
-  return '\n'.join(out)
+_rate = bench_common.format_rate
 
 
 def format_compute_table(rows) -> str:
@@ -780,7 +767,8 @@ def format_compute_table(rows) -> str:
     lines.append((r['label'], str(r['batch']), _rate(r.get('vpr_jax_img_per_s')),
                   _rate(r.get('reference_img_per_s')),
                   f'{ratio:.2f}x' if ratio is not None else 'n/a'))
-  return _table(('config', 'batch', 'vpr_jax img/s', 'reference img/s', 'ratio'), lines)
+  return bench_common.format_table(
+      ('config', 'batch', 'vpr_jax img/s', 'reference img/s', 'ratio'), lines)
 
 
 def format_e2e_table(rows) -> str:
@@ -790,7 +778,8 @@ def format_e2e_table(rows) -> str:
     lines.append((r['label'], str(r['batch']), _rate(r['img_per_s']),
                   _rate(r.get('compute_img_per_s')),
                   f'{ratio:.2f}x' if ratio is not None else 'n/a'))
-  return _table(('run', 'batch', 'img/s', 'compute-only img/s', 'ratio'), lines)
+  return bench_common.format_table(
+      ('run', 'batch', 'img/s', 'compute-only img/s', 'ratio'), lines)
 
 
 # ----------------------------------------------------------------------------------------------
