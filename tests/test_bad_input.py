@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -383,3 +385,17 @@ def test_eval_without_positives_and_small_database(bad_images_run, tmp_path, cap
   records = json.loads(output.read_text())
   assert [r['recall']['25'] for r in records] == [0.0, 100.0]
   assert all(np.isfinite(v) for r in records for v in r['recall'].values())
+
+
+def test_cli_prints_one_line_error_without_traceback(tmp_path):
+  """A missing benchmark: the command says what was tried and expected, and nothing else."""
+  env = dict(os.environ, VPR_DATA_ROOT=str(tmp_path))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vpr_jax.train', '--config=configs/mixvpr.py',
+       f'--workdir={tmp_path / "run"}'],
+      cwd=e2e.REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('DatasetNotFoundError: ') and f'{tmp_path}/sf_xs/val' in last, last
+  assert not (tmp_path / 'run').exists()

@@ -486,8 +486,9 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f'Unexpected arguments: {argv[1:]}')
-  config, variables = convert_checkpoint(
-      FLAGS.config, FLAGS.torch_checkpoint, FLAGS.out, kind=FLAGS.kind,
+  from vpr_jax import cli  # pylint: disable=g-import-not-at-top
+  config, variables = cli.report_user_errors(
+      convert_checkpoint, FLAGS.config, FLAGS.torch_checkpoint, FLAGS.out, kind=FLAGS.kind,
       allow_unsafe_pickle=FLAGS.allow_unsafe_pickle, overwrite=FLAGS.overwrite)
   counts = vpr_model.count_parameters(variables['params'], config.model.layers_to_freeze)
   print(vpr_model.format_parameter_table(counts, config.model))

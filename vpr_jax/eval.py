@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vpr_jax import cli
 from vpr_jax import evaluation
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -89,7 +90,8 @@ def normalize_dashed_flags(argv, flag_values=flags.FLAGS):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  evaluation.evaluate(
+  cli.report_user_errors(
+      evaluation.evaluate,
       _CHECKPOINT.value or None,
       _DATASET.value or None,
       _DATA_ROOT.value,

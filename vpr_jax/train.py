@@ -22,6 +22,7 @@ import jax
 from ml_collections import config_flags
 
 from vpr_jax import checkpointing
+from vpr_jax import cli
 from vpr_jax import parallel
 from vpr_jax import training
 
@@ -63,7 +64,7 @@ def main(argv):
     print(f'Workdir: {workdir} (rerun with --workdir {workdir} to resume)', flush=True)
   # train_and_evaluate writes config.json into the workdir once it has checked that an existing
   # checkpoint there belongs to this configuration.
-  training.train_and_evaluate(config, workdir)
+  cli.report_user_errors(training.train_and_evaluate, config, workdir)
 
 
 if __name__ == '__main__':
