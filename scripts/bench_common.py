@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import time
 
 
 def parse_hw(text: str) -> tuple[int, int]:
@@ -41,3 +42,28 @@ def format_table(header, lines) -> str:
     if i == 0:
       out.append('  '.join('-' * width for width in widths))
   return '\n'.join(out)
+
+
+def time_iterator(make_iterator, warmup: int, batches: int) -> tuple:
+  """Times an iterator: (start-up seconds to the first batch, seconds for `batches` timed ones).
+
+  Args:
+    make_iterator: () -> an iterator usable as a context manager (closed at the end).
+    warmup: untimed batches after the first.
+    batches: timed batches.
+
+  Returns:
+    (startup_seconds, iterator, timed_seconds); the iterator is already closed.
+  """
+  start = time.perf_counter()
+  with make_iterator() as it:
+    next(it)
+    startup = time.perf_counter() - start
+    for _ in range(warmup):
+      next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      batch = next(it)
+      del batch
+    seconds = time.perf_counter() - start
+  return startup, it, seconds

@@ -79,17 +79,9 @@ def parse_args(argv=None):
 def time_pipeline(index, config, num_workers, num_batches, warmup_batches, seed=0):
   """Runs one iterator; returns its start-up time and timed images per second."""
   images_per_batch = config.data.places_per_batch * config.data.images_per_place
-  start = time.perf_counter()
-  with train_pipeline.make_train_iterator(index, config, seed, num_workers=num_workers) as it:
-    next(it)
-    startup = time.perf_counter() - start
-    for _ in range(warmup_batches):
-      next(it)
-    start = time.perf_counter()
-    for _ in range(num_batches):
-      batch = next(it)
-      del batch
-    seconds = time.perf_counter() - start
+  startup, it, seconds = bench_common.time_iterator(
+      lambda: train_pipeline.make_train_iterator(index, config, seed, num_workers=num_workers),
+      warmup_batches, num_batches)
   return {
       'workers': it.num_workers,
       'startup_seconds': round(startup, 3),

@@ -670,17 +670,9 @@ def bench_end_to_end(config, index, source, workers: int, warmup: int, steps: in
 def bench_pipeline(config, index, source, workers: int, warmup: int, batches: int,
                    seed: int = 0) -> dict:
   """img/s the grain train iterator delivers on the host (no device)."""
-  start = time.perf_counter()
-  with _iterator(index, config, source, workers, 1 + warmup + batches, seed) as it:
-    next(it)
-    startup = time.perf_counter() - start
-    for _ in range(warmup):
-      next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-      batch = next(it)
-      del batch
-    seconds = time.perf_counter() - start
+  startup, _, seconds = bench_common.time_iterator(
+      lambda: _iterator(index, config, source, workers, 1 + warmup + batches, seed),
+      warmup, batches)
   images = _batch_images(config)
   return {'img_per_s': images * batches / seconds, 'startup_seconds': startup,
           'workers': workers, 'augment': config.data.augment, 'batches': batches,

@@ -148,13 +148,18 @@ def run_train(workdir: str, data_root: str, overrides: Mapping[str, Any], env: d
               timeout: float = RUN_TIMEOUT_S) -> tuple[int, str]:
   """Runs a training run to its end; returns (exit status, output)."""
   proc = start_train(workdir, data_root, overrides, env, log_name, module)
+  wait_or_kill(proc, timeout)
+  return proc.returncode, output_of(proc)
+
+
+def wait_or_kill(proc, timeout: float) -> None:
+  """Waits for a process; kills it if it is still running after `timeout` (then raises)."""
   try:
     proc.wait(timeout=timeout)
   finally:
     if proc.poll() is None:
       proc.kill()
       proc.wait()
-  return proc.returncode, output_of(proc)
 
 
 def wait_for_file(path: str, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> None:

@@ -33,12 +33,7 @@ def _launch_two_processes(workdir, root, overrides, env, log_dir):
 
 
 def _wait(proc, timeout=200):
-  try:
-    proc.wait(timeout=timeout)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+  e2e.wait_or_kill(proc, timeout)
   assert proc.returncode == 0, e2e.output_of(proc)[-4000:]
 
 

@@ -10,6 +10,7 @@ layer1..layer4. `layers_to_crop` removes stages from the end; `layers_to_freeze`
 0..k (-1 freezes nothing).
 """
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -157,6 +158,12 @@ def _conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, nam
       param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
 
 
+def _block_batch_norm(block: nn.Module, name: str) -> BatchNorm:
+  """A BatchNorm of a residual block, with the block's dtype, freezing and pmap axis."""
+  return BatchNorm(dtype=block.dtype, use_running_stats_in_train=block.frozen_bn,
+                   axis_name=block.bn_axis_name, name=name)
+
+
 class BasicBlock(nn.Module):
   """torchvision BasicBlock: 3x3 (stride) -> 3x3, identity or 1x1 downsample shortcut."""
   features: int
@@ -168,8 +175,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = lambda name: BatchNorm(dtype=self.dtype, use_running_stats_in_train=self.frozen_bn,
-                                axis_name=self.bn_axis_name, name=name)
+    bn = functools.partial(_block_batch_norm, self)
     y = _conv(self.features, 3, self.stride, 1, self.dtype, 'conv1')(x)
     y = nn.relu(bn('bn1')(y, train))
     y = _conv(self.features, 3, 1, 1, self.dtype, 'conv2')(y)
@@ -192,8 +198,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = lambda name: BatchNorm(dtype=self.dtype, use_running_stats_in_train=self.frozen_bn,
-                                axis_name=self.bn_axis_name, name=name)
+    bn = functools.partial(_block_batch_norm, self)
     out_features = self.features * _EXPANSION['bottleneck']
     y = _conv(self.features, 1, 1, 0, self.dtype, 'conv1')(x)
     y = nn.relu(bn('bn1')(y, train))
