@@ -1,0 +1,1 @@
+"""PyTorch checkpoints of the GSV-Cities family -> Flax variables (read without torch)."""

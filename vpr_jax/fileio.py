@@ -1,0 +1,101 @@
+"""Files written whole or not at all: a temporary file beside the target, then a rename.
+
+Every file that vpr_jax writes for a user (result JSON/CSV/NPZ, config.json, caches, indexes)
+goes through `atomic_write`, so that a killed process never leaves a half-written file, and the
+file gets the permissions that the process's umask gives any new file (tempfile.mkstemp alone
+would create it 0600, unreadable by collaborators).
+"""
+
+import contextlib
+import os
+import tempfile
+from typing import IO, Any, Callable, Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def _current_umask() -> int:
+  # os.umask only sets; setting and restoring is the portable way to read it.
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, binary: bool = False, fsync: bool = True) -> Iterator[IO[Any]]:
+  """Opens a temporary file beside `path`; it replaces `path` when the block ends without error.
+
+  Args:
+    path: the file to write. Its folder is created if missing.
+    binary: open in binary mode ('wb') instead of text ('w', newline='').
+    fsync: flush the data to disk before the rename (a crash then leaves the old or new file).
+
+  Yields:
+    The open temporary file. On an exception it is removed and `path` is left as it was.
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+  try:
+    os.chmod(tmp, 0o666 & ~_current_umask())
+    with os.fdopen(fd, 'wb' if binary else 'w', **({} if binary else {'newline': ''})) as f:
+      yield f
+      f.flush()
+      if fsync:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write(path: PathLike, data: Union[str, bytes, Callable[[IO[Any]], None]],
+                 binary: bool = False) -> None:
+  """Writes `data` (text, bytes, or a function that writes into the open file) to `path` atomically.
+
+  Args:
+    path: the file to write.
+    data: str, bytes, or `write(file)`.
+    binary: with a function: open the file in binary mode. Implied by bytes.
+  """
+  binary = binary or isinstance(data, bytes)
+  with atomic_open(path, binary=binary) as f:
+    if callable(data):
+      data(f)
+    else:
+      f.write(data)
+
+
+def check_output_path(path: PathLike, what: str = 'output') -> str:
+  """Checks, before any work, that a result file can be written at `path`.
+
+  Args:
+    path: the file the command will write at the end.
+    what: the flag or field that named it, for the message.
+
+  Returns:
+    The absolute path.
+
+  Raises:
+    OutputPathError: `path` is a folder, or its folder cannot be created or written.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isdir(path):
+    raise OutputPathError(f'{what} {path!r} is a folder; expected a file path.')
+  folder = os.path.dirname(path)
+  existing = folder
+  while existing and not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if existing and not os.path.isdir(existing):
+    raise OutputPathError(f'{what} {path!r}: {existing!r} is a file, not a folder.')
+  if not os.access(existing or '.', os.W_OK | os.X_OK):
+    raise OutputPathError(f'{what} {path!r}: folder {existing!r} is not writable.')
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise OutputPathError(f'{what} {path!r} exists and is not writable.')
+  return path
+
+
+class OutputPathError(OSError):
+  """A result file cannot be written where the user asked."""
