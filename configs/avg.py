@@ -1,6 +1,6 @@
 """Seed recipe with average pooling (256-d)."""
 
-from configs import default
+from vpr_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Seed recipe with ConvAP (1x1 conv 256 -> 1024, adaptive average pool 2x2; 4096-d)."""
 
-from configs import default
+from vpr_jax.configs import default
 
 
 def get_config():

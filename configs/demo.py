@@ -7,7 +7,7 @@ backbone cropped after layer2 (128 x 8 x 8 features), a narrower MixVPR. Validat
 and after training, so the log shows what training bought.
 """
 
-from configs import default
+from vpr_jax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Seed recipe with the MixVPR aggregator (256 x 14 x 14 -> 256 x 4 = 1024-d)."""
 
-from configs import default
+from vpr_jax.configs import default
 
 
 def get_config():

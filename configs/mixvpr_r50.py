@@ -1,6 +1,6 @@
 """MixVPR paper recipe: ResNet-50 cropped after layer3, 320x320, 1024 x 20 x 20 -> 4096-d, 120 x 4."""
 
-from configs import default
+from vpr_jax.configs import default
 
 
 def get_config():

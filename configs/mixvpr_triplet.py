@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs import default
+from vpr_jax.configs import default
 
 
 def get_config():

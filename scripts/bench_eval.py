@@ -3,7 +3,7 @@
 Measures
   (a) exact FAISS search (`vpr_jax.evaluation.search`, k=25) on random unit vectors of an SF-XS
       test-sized problem: 27,191 database x 1,000 queries, 1024-d (target: under 1 s on CPU);
-  (b) descriptor extraction of each config's eval forward in vpr_jax (`evaluation.make_embed_fn`:
+  (b) descriptor extraction of each config's eval forward in vpr_jax (`descriptors.make_embed_fn`:
       jit, bf16 on GPU / float32 on CPU by model.dtype='auto'), on device-resident uint8 batches,
       timed with block_until_ready after warm-up;
   (c) the same forward in PyTorch (torchvision ResNet cropped as the config says + a MixVPR
@@ -37,7 +37,9 @@ import bench_common
 import jax
 import numpy as np
 
-from vpr_jax import evaluation
+from vpr_jax.evaluation import descriptors
+
+from vpr_jax.evaluation import search
 from vpr_jax.models import vpr_model
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -45,7 +47,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ('configs/mixvpr.py', 'configs/mixvpr_r50.py')
 SFXS_TEST = (27_191, 1_000, 1024)
 TINY_FAISS = (2_000, 100, 64)
-FAISS_K = max(evaluation.DEFAULT_NS)
+FAISS_K = max(search.RECALL_NS)
 
 
 def load_config(path: str):
@@ -74,14 +76,14 @@ def random_unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarra
 
 def bench_faiss(num_database: int, num_queries: int, dim: int, repeats: int = 3,
                 seed: int = 0) -> dict:
-  """Best-of-`repeats` wall time of `evaluation.search` (index build + search, k=25)."""
+  """Best-of-`repeats` wall time of `search.search` (index build + search, k=25)."""
   rng = np.random.default_rng(seed)
   database = random_unit_vectors(rng, num_database, dim)
   queries = random_unit_vectors(rng, num_queries, dim)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    _, predictions = evaluation.search(database, queries, FAISS_K)
+    _, predictions = search.search(database, queries, FAISS_K)
     times.append(time.perf_counter() - start)
   if predictions.shape != (num_queries, min(FAISS_K, num_database)):
     raise RuntimeError(f'unexpected FAISS result shape {predictions.shape}')
@@ -108,19 +110,19 @@ def bench_vpr_jax(config, batch_size: int, warmup: int, iters: int, seed: int = 
   model = vpr_model.build_model(config)
   h, w = (int(s) for s in config.image_size)
   variables = vpr_model.init_variables(model, jax.random.PRNGKey(seed), (h, w))
-  embed = evaluation.make_embed_fn(model)
+  embed = descriptors.make_embed_fn(model)
   device = jax.local_devices()[0]
   variables = jax.device_put(variables, device)
   rng = np.random.default_rng(seed)
   batch = jax.device_put(rng.integers(0, 256, (batch_size, h, w, 3), dtype=np.uint8), device)
   seconds = _time_calls(lambda: embed(variables, batch), warmup, iters)
-  descriptors = np.asarray(embed(variables, batch))
-  norms = np.linalg.norm(descriptors, axis=1)
+  outputs = np.asarray(embed(variables, batch))
+  norms = np.linalg.norm(outputs, axis=1)
   if not np.allclose(norms, 1.0, atol=1e-3):
     raise RuntimeError(f'vpr_jax descriptors are not unit vectors (norms {norms[:4]}...)')
   return {'img_per_s': batch_size / seconds, 'seconds_per_batch': seconds,
           'dtype': str(np.dtype(vpr_model.resolve_dtype(config.model.dtype))),
-          'descriptor_dim': int(descriptors.shape[1])}
+          'descriptor_dim': int(outputs.shape[1])}
 
 
 def peak_device_memory() -> int | None:

@@ -29,7 +29,7 @@ sys.path.insert(0, _SCRIPTS)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_common
-from configs import default
+from vpr_jax.configs import default
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import synthetic
 from vpr_jax.data import train_pipeline

@@ -10,13 +10,13 @@ Modes (--modes, comma-separated; default compute):
               AMP fp16 eager, channels_last, channels_last + torch.compile.
   end_to_end  JPEG files (or prepared ArrayRecord records) -> grain train iterator
               (`train_pipeline.make_train_iterator`, --workers processes) -> `parallel.prefetch`
-              -> the same step, as `training.train_and_evaluate` feeds it; also with the
+              -> the same step, as `loop.train_and_evaluate` feeds it; also with the
               transfer in a background thread (--threaded_prefetch).
   pipeline    the grain train iterator alone, no device: what the host delivers.
   augment     device RandAugment (`device_augment.rand_augment`, jitted) alone, on
               device-resident batches.
   eval        descriptor extraction from prepared records: grain decode (--workers) ->
-              `evaluation.make_embed_fn`.
+              `descriptors.make_embed_fn`.
 
 Sources for end_to_end / pipeline / eval (--sources original,prepared): --train_dir (with
 --layout, --cities), or synthetic GSV-Cities places written to a temporary folder
@@ -68,9 +68,10 @@ import numpy as np
 
 import bench_common
 import bench_eval
-from vpr_jax import evaluation
+from vpr_jax.evaluation import descriptors
+from vpr_jax.training import programs
+from vpr_jax.training import state as train_state
 from vpr_jax import parallel
-from vpr_jax import training
 from vpr_jax.data import device_augment
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import prepared
@@ -141,12 +142,12 @@ def peak_device_memory(device=None):
 def _programs(config, devices):
   """The model, optimiser and compiled step the training loop uses for this config."""
   # pylint: disable-next=protected-access
-  return training._get_programs(config, _STEPS_PER_EPOCH, devices=list(devices))
+  return programs.get_programs(config, _STEPS_PER_EPOCH, devices=list(devices))
 
 
 def _initial_state(config, programs, seed: int):
   variables = programs.init(jax.random.PRNGKey(seed))
-  state = training.create_train_state(config, programs.model, None, tx=programs.tx,
+  state = train_state.create_train_state(config, programs.model, None, tx=programs.tx,
                                       variables=variables)
   return programs.dp.replicate(jax.device_get(state))
 
@@ -161,7 +162,7 @@ def lower_train_step(config, devices=None):
 
   def initial_state():
     variables = programs.init(jax.random.PRNGKey(0))
-    return training.create_train_state(config, programs.model, None, tx=programs.tx,
+    return train_state.create_train_state(config, programs.model, None, tx=programs.tx,
                                        variables=variables)
 
   state = jax.eval_shape(initial_state)
@@ -626,16 +627,13 @@ def bench_end_to_end(config, index, source, workers: int, warmup: int, steps: in
   total = 1 + warmup + steps
   wait = 0.0
   with _iterator(index, config, source, workers, total, seed) as it:
-
-    def host_batches():
-      for batch in it:
-        yield parallel.flatten_places({'images': batch['images'], 'labels': batch['labels']})
-
+    # The loop's own feed: flattened place batches, each with the iterator state after it.
+    put = lambda item: dp.shard_batch(item[0])
     size = 2 if jax.default_backend() != 'cpu' else 1
     if threaded:
-      device_batches = threaded_prefetch(host_batches(), dp.shard_batch, size=size)
+      device_batches = threaded_prefetch(parallel.host_batches(it), put, size=size)
     else:
-      device_batches = parallel.prefetch(host_batches(), dp.shard_batch, size=size)
+      device_batches = parallel.prefetch(parallel.host_batches(it), put, size=size)
     start = time.perf_counter()
     for _ in range(1 + warmup):
       state, metrics = programs.train_step(state, next(device_batches), step_rng)
@@ -715,7 +713,7 @@ def bench_eval_prepared(config, source, batch_size: int, workers: int, num_batch
   model = vpr_model.build_model(config)
   variables = jax.device_put(vpr_model.init_variables(model, jax.random.PRNGKey(seed)),
                              jax.local_devices()[0])
-  embed = evaluation.make_embed_fn(model)
+  embed = descriptors.make_embed_fn(model)
   needed = (1 + num_batches) * batch_size
   records = np.arange(needed) % len(source)
   dataset = (grain.MapDataset.source(records.tolist()).map(source.load_array)

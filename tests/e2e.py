@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
-from configs import demo
+from vpr_jax.configs import demo
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Devices of a single-process run: the same number as the two-process run has in all, so that the
@@ -85,10 +85,10 @@ def make_config(overrides: Mapping[str, Any]):
 
 def prepare_data(data_root: str, overrides: Mapping[str, Any]) -> None:
   """Writes the synthetic dataset the tiny run trains on (as the run would on first use)."""
-  from vpr_jax import training  # pylint: disable=g-import-not-at-top
+  from vpr_jax.training import setup
   config = make_config(overrides)
   config.data.root = data_root
-  training._maybe_make_synthetic_data(config, data_root)  # pylint: disable=protected-access
+  setup.maybe_make_synthetic_data(config, data_root)  # pylint: disable=protected-access
 
 
 def session_dir(tmp_path_factory, name: str) -> str:

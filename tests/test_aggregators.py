@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default
-from vpr_jax import convert
+from vpr_jax.configs import default
+from vpr_jax.conversion import mapping
 from vpr_jax.models import aggregators
 
 
@@ -129,8 +129,8 @@ def _compare(model_config, features_nchw, tolerance=1e-5):
   module = torch_aggregator(model_config, c, (h, w))
   with torch.no_grad():
     expected = module(torch.from_numpy(features_nchw)).numpy()
-  variables = convert.aggregator_to_flax(module.state_dict(), model_config, c, (h, w))
-  ours_module = aggregators.make_aggregator(model_config, c, (h, w))
+  variables = mapping.aggregator_to_flax(module.state_dict(), model_config, c, (h, w))
+  ours_module = aggregators.make_aggregator(model_config, (h, w))
   with jax.default_matmul_precision('highest'):
     ours = ours_module.apply(variables, jnp.asarray(features_nchw.transpose(0, 2, 3, 1)))
   assert ours.dtype == jnp.float32
@@ -165,8 +165,8 @@ def test_gem_gradient_of_p_matches_reference():
   weights = torch.from_numpy(_features((2, 6), seed=1))
   loss = (module(torch.from_numpy(x)) * weights).sum()
   loss.backward()
-  variables = convert.aggregator_to_flax(module.state_dict(), config, 6, (4, 3))
-  gem = aggregators.make_aggregator(config, 6, (4, 3))
+  variables = mapping.aggregator_to_flax(module.state_dict(), config, 6, (4, 3))
+  gem = aggregators.make_aggregator(config, (4, 3))
   loss_fn = lambda params: jnp.sum(
       gem.apply({'params': params}, jnp.asarray(x.transpose(0, 2, 3, 1))) * weights.numpy())
   grads = jax.grad(loss_fn)(variables['params'])
@@ -206,7 +206,7 @@ def test_mixvpr_init_matches_reference_distributions():
   torch = pytest.importorskip('torch', reason='torch is the reference implementation')
   torch.manual_seed(0)
   reference = torch_reference_modules().MixVPR(128, 14, 14, 64, 1, 1, 4)
-  module = aggregators.make_aggregator(config, 128, (14, 14))
+  module = aggregators.make_aggregator(config, (14, 14))
   params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 14, 14, 128)))['params']
   mixer, ref_mixer = params['mix_0'], reference.mix[0].mix
   np.testing.assert_array_equal(mixer['norm']['scale'], ref_mixer[0].weight.detach().numpy())
@@ -229,7 +229,7 @@ def test_mixvpr_init_matches_reference_distributions():
 
 def test_convap_init_bounds():
   config = small_model_config('convap', convap_out_channels=256)
-  module = aggregators.make_aggregator(config, 64, (4, 4))
+  module = aggregators.make_aggregator(config, (4, 4))
   params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 4, 4, 64)))['params']
   kernel, bias = params['channel_pool']['kernel'], params['channel_pool']['bias']
   assert kernel.shape == (1, 1, 64, 256)
@@ -238,14 +238,14 @@ def test_convap_init_bounds():
 
 
 def test_gem_init():
-  module = aggregators.make_aggregator(small_model_config('gem', gem_p=3.0), 4, (2, 2))
+  module = aggregators.make_aggregator(small_model_config('gem', gem_p=3.0), (2, 2))
   params = module.init(jax.random.key(0), jnp.ones((1, 2, 2, 4)))['params']
   np.testing.assert_array_equal(params['p'], [3.0])
 
 
 def test_seed_mixvpr_parameter_count():
   config = default.get_model_config()  # 256 x 14 x 14 -> 256 channels x 4 rows, depth 5.
-  module = aggregators.make_aggregator(config, 256, (14, 14))
+  module = aggregators.make_aggregator(config, (14, 14))
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 14, 14, 256)))
   count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes))
   assert count == 454_660  # The seed's "454 K".
@@ -259,8 +259,8 @@ def test_seed_mixvpr_parameter_count():
 def test_bfloat16_gives_float32_unit_descriptors(name):
   config = small_model_config(name)
   x = jnp.asarray(_features((2, 4, 4, 8), positive=True))
-  f32 = aggregators.make_aggregator(config, 8, (4, 4))
-  bf16 = aggregators.make_aggregator(config, 8, (4, 4), dtype=jnp.bfloat16)
+  f32 = aggregators.make_aggregator(config, (4, 4))
+  bf16 = aggregators.make_aggregator(config, (4, 4), dtype=jnp.bfloat16)
   variables = f32.init(jax.random.key(0), x)
   expected = f32.apply(variables, x)
   ours = bf16.apply(variables, x.astype(jnp.bfloat16))
@@ -271,16 +271,16 @@ def test_bfloat16_gives_float32_unit_descriptors(name):
 
 def test_zero_features_give_finite_descriptors():
   x = jnp.zeros((1, 4, 4, 8))
-  module = aggregators.make_aggregator(small_model_config('avg'), 8, (4, 4))
+  module = aggregators.make_aggregator(small_model_config('avg'), (4, 4))
   out = module.apply({}, x)
   assert np.all(np.isfinite(out)) and np.all(out == 0)
 
 
 def test_errors():
   with pytest.raises(ValueError, match='avg, gem, convap, mixvpr'):
-    aggregators.make_aggregator(small_model_config('netvlad'), 8, (4, 4))
+    aggregators.make_aggregator(small_model_config('netvlad'), (4, 4))
   with pytest.raises(ValueError, match='avg, gem, convap, mixvpr'):
     aggregators.descriptor_dim(small_model_config('netvlad'), 8, (4, 4))
-  module = aggregators.make_aggregator(small_model_config('mixvpr'), 8, (4, 4))
+  module = aggregators.make_aggregator(small_model_config('mixvpr'), (4, 4))
   with pytest.raises(ValueError, match='image size'):
     jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 5, 4, 8)))

@@ -22,9 +22,10 @@ from PIL import Image
 import pytest
 
 from tests import e2e
-from vpr_jax import checkpointing
-from vpr_jax import evaluation
-from vpr_jax import training
+from vpr_jax import errors
+from vpr_jax.checkpoints import orbax_states
+from vpr_jax.evaluation import evaluate
+from vpr_jax.training import loop
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import synthetic
 from vpr_jax.data import train_pipeline
@@ -167,7 +168,7 @@ def test_broken_dataset_stops_before_training_and_writes_nothing(case, data_copy
   changes, pattern = BROKEN_DATASETS[case](data_copy)
   workdir = tmp_path / 'run'
   with pytest.raises((ValueError, FileNotFoundError), match=pattern):
-    training.train_and_evaluate(_config(data_copy, **changes), str(workdir))
+    loop.train_and_evaluate(_config(data_copy, **changes), str(workdir))
   assert not workdir.exists(), sorted(os.listdir(workdir))
 
 
@@ -247,7 +248,7 @@ def _iterator_state(workdir, step):
         encoded = json.load(f)
     except (ValueError, UnicodeDecodeError, IsADirectoryError):
       continue
-    return checkpointing.decode_iterator_state(encoded)
+    return orbax_states.decode_iterator_state(encoded)
   raise AssertionError(f'No JSON in {folder}')
 
 
@@ -294,16 +295,16 @@ def test_checkpoint_of_another_architecture_is_refused_untouched(bad_images_run)
   config = _config(run['root'], **{k.replace('.', '__'): v for k, v in run['overrides'].items()})
   config.model.aggregator = 'gem'
   config.model.layers_to_crop = (4,)
-  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
-    training.train_and_evaluate(config, run['workdir'])
+  with pytest.raises(errors.CheckpointMismatchError) as error:
+    loop.train_and_evaluate(config, run['workdir'])
   message = str(error.value)
   assert 'model.aggregator' in message and "'mixvpr'" in message and "'gem'" in message
   assert 'model.layers_to_crop' in message
   assert e2e.file_snapshot(run['workdir']) == before
 
   # Evaluating the checkpoint with that architecture lists the variables that do not fit.
-  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
-    evaluation.evaluate(run['workdir'], ['synthetic/synthetic_val'], run['root'], config=config,
+  with pytest.raises(errors.CheckpointMismatchError) as error:
+    evaluate.evaluate(run['workdir'], ['synthetic/synthetic_val'], run['root'], config=config,
                         print_fn=lambda line: None)
   message = str(error.value)
   assert 'aggregator' in message and 'layer3' in message, message
@@ -322,11 +323,11 @@ def test_truncated_checkpoint_is_refused_untouched(bad_images_run, tmp_path):
       f.truncate(5)
   before = e2e.file_snapshot(workdir)
   config = _config(run['root'], **{k.replace('.', '__'): v for k, v in run['overrides'].items()})
-  with pytest.raises(checkpointing.CheckpointMismatchError, match=r'latest/6.*truncated'):
-    training.train_and_evaluate(config, workdir)
+  with pytest.raises(errors.CheckpointMismatchError, match=r'latest/6.*truncated'):
+    loop.train_and_evaluate(config, workdir)
   assert e2e.file_snapshot(workdir) == before
-  with pytest.raises(checkpointing.CheckpointMismatchError, match='truncated'):
-    checkpointing.load_for_eval(workdir)
+  with pytest.raises(errors.CheckpointMismatchError, match='truncated'):
+    orbax_states.load_for_eval(workdir)
 
 
 def test_torch_backbone_with_foreign_keys_is_refused_before_writing(clean_root, tmp_path):
@@ -339,8 +340,8 @@ def test_torch_backbone_with_foreign_keys_is_refused_before_writing(clean_root, 
   weights = tmp_path / 'resnet18_edited.pth'
   torch.save(state_dict, weights)
   workdir = tmp_path / 'run'
-  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
-    training.train_and_evaluate(_config(clean_root, model__backbone_weights=str(weights)),
+  with pytest.raises(errors.CheckpointMismatchError) as error:
+    loop.train_and_evaluate(_config(clean_root, model__backbone_weights=str(weights)),
                                 str(workdir))
   message = str(error.value)
   for text in ('resnet18_edited.pth', 'layer1.0.bn1.running_mean', 'layer2.0.extra.weight',
@@ -367,7 +368,7 @@ def test_eval_without_positives_and_small_database(bad_images_run, tmp_path, cap
     os.rename(os.path.join(queries, name), os.path.join(queries, '@'.join(fields)))
   printed = []
   output = tmp_path / 'results.json'
-  results = evaluation.evaluate(bad_images_run['workdir'], ['no_positives', 'small_database'],
+  results = evaluate.evaluate(bad_images_run['workdir'], ['no_positives', 'small_database'],
                                 root, output=str(output), print_fn=printed.append)
   text = '\n'.join(printed)
   no_positives, small = results

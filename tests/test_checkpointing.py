@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
-from vpr_jax import checkpointing
+from vpr_jax.configs import default
+from vpr_jax import errors
+from vpr_jax.checkpoints import orbax_states
+from vpr_jax.checkpoints import run_config
+from vpr_jax.checkpoints import runs
 
 
 def _variables(width=4):
@@ -32,7 +35,7 @@ def _assert_trees_equal(a, b):
 
 def test_config_json_round_trip():
   config = default.get_config()
-  restored = checkpointing.config_from_json(checkpointing.config_to_json(config))
+  restored = run_config.config_from_json(run_config.config_to_json(config))
   assert restored == config
   assert isinstance(restored.model.layers_to_crop, tuple)
   assert isinstance(restored.data.cities, tuple)
@@ -42,37 +45,37 @@ def test_inference_checkpoint_round_trip_and_no_overwrite(tmp_path):
   config = default.get_config()
   out = tmp_path / 'converted'
   variables = _variables()
-  checkpointing.save_inference_checkpoint(str(out), config, variables)
+  orbax_states.save_inference_checkpoint(str(out), config, variables)
   # The temporary folder was renamed into place; nothing else left next to it.
   assert sorted(os.listdir(tmp_path)) == ['converted']
-  loaded_config, loaded, step = checkpointing.load_for_eval(str(out))
+  loaded_config, loaded, step = orbax_states.load_for_eval(str(out))
   assert step == 0 and loaded_config == config
   _assert_trees_equal(loaded, variables)
   assert isinstance(loaded['params']['conv']['kernel'], np.ndarray)
 
   with pytest.raises(FileExistsError, match='not empty'):
-    checkpointing.save_inference_checkpoint(str(out), config, _variables(width=5))
-  _assert_trees_equal(checkpointing.load_for_eval(str(out))[1], variables)
+    orbax_states.save_inference_checkpoint(str(out), config, _variables(width=5))
+  _assert_trees_equal(orbax_states.load_for_eval(str(out))[1], variables)
 
   # An existing empty directory is fine; overwrite=True replaces a full one.
   empty = tmp_path / 'empty'
   empty.mkdir()
-  checkpointing.save_inference_checkpoint(str(empty), config, variables)
-  checkpointing.save_inference_checkpoint(str(out), config, _variables(width=5), overwrite=True)
-  assert checkpointing.load_for_eval(str(out))[1]['params']['conv']['kernel'].shape == (3, 5)
+  orbax_states.save_inference_checkpoint(str(empty), config, variables)
+  orbax_states.save_inference_checkpoint(str(out), config, _variables(width=5), overwrite=True)
+  assert orbax_states.load_for_eval(str(out))[1]['params']['conv']['kernel'].shape == (3, 5)
 
 
 def test_inference_checkpoint_failure_writes_nothing(tmp_path):
   config = default.get_config()
   with pytest.raises(ValueError, match='batch_stats'):
-    checkpointing.save_inference_checkpoint(str(tmp_path / 'out'), config,
+    orbax_states.save_inference_checkpoint(str(tmp_path / 'out'), config,
                                             {'params': _variables()['params']})
   assert os.listdir(tmp_path) == []
 
 
 def test_best_retention_by_r1_and_latest(tmp_path):
   config = default.get_config()
-  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path / 'checkpoints'), config,
+  checkpointer = orbax_states.TrainCheckpointer(str(tmp_path / 'checkpoints'), config,
                                                  keep_best=3)
   r1_by_step = {10: 40.0, 20: 70.0, 30: 55.0, 40: 20.0, 50: 60.0}
   for step, r1 in r1_by_step.items():
@@ -99,18 +102,18 @@ def test_best_retention_by_r1_and_latest(tmp_path):
   checkpointer.close()
 
   # load_for_eval takes the workdir and picks the best step by R@1.
-  _, variables, step = checkpointing.load_for_eval(str(tmp_path))
+  _, variables, step = orbax_states.load_for_eval(str(tmp_path))
   assert step == 20 and float(variables['params']['gem']['p']) == 20.0
-  assert checkpointing.load_for_eval(str(tmp_path / 'checkpoints'), step=55)[2] == 55
+  assert orbax_states.load_for_eval(str(tmp_path / 'checkpoints'), step=55)[2] == 55
   with pytest.raises(ValueError, match='No step 7'):
-    checkpointing.load_for_eval(str(tmp_path), step=7)
-  assert checkpointing.find_latest_run(str(tmp_path.parent)) == str(tmp_path)
+    orbax_states.load_for_eval(str(tmp_path), step=7)
+  assert runs.find_latest_run(str(tmp_path.parent)) == str(tmp_path)
 
 
 def test_resume_with_other_config_or_structure_fails_and_writes_nothing(tmp_path):
   config = default.get_config()
   directory = str(tmp_path / 'checkpoints')
-  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer = orbax_states.TrainCheckpointer(directory, config)
   checkpointer.save(5, variables=_variables(), train=_train_item(5))
   checkpointer.close()
   before = sorted(os.listdir(os.path.join(directory, 'latest')))
@@ -120,15 +123,15 @@ def test_resume_with_other_config_or_structure_fails_and_writes_nothing(tmp_path
   other.model.aggregator = 'gem'
   other.optim.learning_rate = 1e-3
   other.max_steps = 100  # run-control fields may change
-  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
-    checkpointing.TrainCheckpointer(directory, other)
+  with pytest.raises(errors.CheckpointMismatchError) as error:
+    orbax_states.TrainCheckpointer(directory, other)
   message = str(error.value)
   assert 'model.aggregator' in message and 'optim.learning_rate' in message
   assert 'max_steps' not in message
   assert open(os.path.join(directory, 'config.json')).read() == config_text
 
-  checkpointer = checkpointing.TrainCheckpointer(directory, config)
-  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+  checkpointer = orbax_states.TrainCheckpointer(directory, config)
+  with pytest.raises(errors.CheckpointMismatchError) as error:
     checkpointer.restore(_variables(width=6), _train_item())
   assert 'params/conv/kernel' in str(error.value) and '(3, 6)' in str(error.value)
   assert sorted(os.listdir(os.path.join(directory, 'latest'))) == before
@@ -137,7 +140,7 @@ def test_resume_with_other_config_or_structure_fails_and_writes_nothing(tmp_path
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
   config = default.get_config()
   directory = str(tmp_path / 'checkpoints')
-  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer = orbax_states.TrainCheckpointer(directory, config)
   checkpointer.save(5, variables=_variables(), train=_train_item(5))
 
   # A record that cannot be written is refused before anything reaches the disk.
@@ -146,14 +149,14 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
   assert sorted(os.listdir(os.path.join(directory, 'latest'))) == ['5']
 
   # A write that fails inside orbax: the previous latest step survives and stays readable.
-  original = checkpointing.ocp.JsonCheckpointHandler.async_save
+  original = orbax_states.ocp.JsonCheckpointHandler.async_save
 
   def failing_save(self, directory, *args, **kwargs):
     if 'data_iterator' in str(directory):
       raise OSError('disk full')
     return original(self, directory, *args, **kwargs)
 
-  monkeypatch.setattr(checkpointing.ocp.JsonCheckpointHandler, 'async_save', failing_save)
+  monkeypatch.setattr(orbax_states.ocp.JsonCheckpointHandler, 'async_save', failing_save)
   with pytest.raises(OSError, match='disk full'):
     checkpointer.save(6, variables=_variables(), train=_train_item(6))
   monkeypatch.undo()
@@ -165,7 +168,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
   config = default.get_config()
   directory = str(tmp_path / 'checkpoints')
-  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer = orbax_states.TrainCheckpointer(directory, config)
   checkpointer.save(5, variables=_variables(), train=_train_item(5))
   checkpointer.close()
   # What a process killed during the save of step 6 leaves behind: an uncommitted temporary folder.
@@ -174,7 +177,7 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
   with open(os.path.join(latest, '6.orbax-checkpoint-tmp', 'variables', 'partial'), 'w') as f:
     f.write('x')
 
-  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer = orbax_states.TrainCheckpointer(directory, config)
   assert checkpointer.latest_step() == 5
   _assert_trees_equal(checkpointer.restore(_variables(), _train_item())['train'], _train_item(5))
   checkpointer.save(7, variables=_variables(), train=_train_item(7))
@@ -184,7 +187,7 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
 
 def test_truncated_checkpoint_raises_clear_error(tmp_path):
   out = tmp_path / 'converted'
-  checkpointing.save_inference_checkpoint(str(out), default.get_config(), _variables())
+  orbax_states.save_inference_checkpoint(str(out), default.get_config(), _variables())
   data_files = [os.path.join(root, name)
                 for root, _, names in os.walk(out / 'latest' / '0' / 'variables')
                 for name in names if os.path.basename(root) == 'd']
@@ -192,10 +195,10 @@ def test_truncated_checkpoint_raises_clear_error(tmp_path):
   for path in data_files:
     with open(path, 'r+b') as f:
       f.truncate(3)
-  with pytest.raises(checkpointing.CheckpointMismatchError, match='truncated'):
-    checkpointing.load_for_eval(str(out))
+  with pytest.raises(errors.CheckpointMismatchError, match='truncated'):
+    orbax_states.load_for_eval(str(out))
 
 
 def test_missing_checkpoint_is_explained(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
-    checkpointing.load_for_eval(str(tmp_path))
+    orbax_states.load_for_eval(str(tmp_path))

@@ -11,8 +11,11 @@ import pytest
 from tests.test_aggregators import torch_aggregator
 from tests.test_resnet import randomised_torchvision_resnet
 from tests.test_vpr_model import small_config
-from vpr_jax import checkpointing
-from vpr_jax import convert
+from vpr_jax import errors
+from vpr_jax.checkpoints import orbax_states
+from vpr_jax.conversion import converter
+from vpr_jax.conversion import mapping
+from vpr_jax.conversion import torch_files
 from vpr_jax.models import vpr_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,9 +86,9 @@ def test_family_checkpoint_matches_reference(aggregator, tmp_path):
   path = tmp_path / 'model.ckpt'
   torch.save({'state_dict': torch_model.state_dict(), 'epoch': 3, 'global_step': 100}, path)
 
-  state_dict = convert.load_torch_state_dict(str(path))
-  assert convert.detect_kind(state_dict) == 'family'
-  variables = convert.family_checkpoint_to_flax(state_dict, config, source=str(path))
+  state_dict = torch_files.load_torch_state_dict(str(path))
+  assert mapping.detect_kind(state_dict) == 'family'
+  variables = mapping.family_checkpoint_to_flax(state_dict, config, source=str(path))
   images = _images()
   ours = _descriptors(config, variables, images)
   expected = _torch_descriptors(torch_model, images)
@@ -99,7 +102,7 @@ def test_dataparallel_prefix_and_bare_state_dict():
   config = small_config('gem')
   torch_model = family_torch_model(config, seed=3)
   state_dict = {'module.' + k: v for k, v in torch_model.state_dict().items()}
-  variables = convert.family_checkpoint_to_flax(state_dict, config)
+  variables = mapping.family_checkpoint_to_flax(state_dict, config)
   images = _images(1)
   np.testing.assert_allclose(_descriptors(config, variables, images),
                              _torch_descriptors(torch_model, images), atol=1e-5, rtol=0)
@@ -110,8 +113,8 @@ def test_torchvision_state_dict_ignores_fc_and_cropped_layers():
   net = randomised_torchvision_resnet('resnet18', seed=5).eval()
   state_dict = net.state_dict()
   assert 'fc.weight' in state_dict and 'layer4.0.conv1.weight' in state_dict
-  assert convert.detect_kind(state_dict) == 'torchvision'
-  variables = convert.torchvision_resnet_to_flax(state_dict, 18, (4,))
+  assert mapping.detect_kind(state_dict) == 'torchvision'
+  variables = mapping.torchvision_resnet_to_flax(state_dict, 18, (4,))
   assert 'layer4' not in variables['params']
   np.testing.assert_array_equal(variables['params']['layer1']['0']['conv1']['kernel'],
                                 state_dict['layer1.0.conv1.weight'].numpy().transpose(2, 3, 1, 0))
@@ -124,7 +127,7 @@ def test_torchvision_state_dict_ignores_fc_and_cropped_layers():
   model = vpr_model.build_model(config)
   abstract = jax.eval_shape(lambda: vpr_model.init_variables(model, jax.random.key(0)))
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
-  full = convert.with_backbone(zeros, variables)
+  full = mapping.with_backbone(zeros, variables)
   images = _images(2)
   x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
        - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -145,11 +148,11 @@ def test_mismatches_are_listed_together():
   state_dict['aggregator.extra.weight'] = torch.zeros(3)
   state_dict['backbone.model.layer4.0.conv1.weight'] = torch.zeros(512, 256, 3, 3)
   state_dict['aggregator.mix.0.mix.1.weight'] = torch.zeros(5, 7)
-  with pytest.raises(convert.CheckpointMismatchError) as info:
-    convert.family_checkpoint_to_flax(state_dict, config, source='bad.ckpt')
+  with pytest.raises(errors.StateDictMismatchError) as info:
+    mapping.family_checkpoint_to_flax(state_dict, config, source='bad.ckpt')
   error = info.value
   assert isinstance(error, ValueError)
-  assert isinstance(error, checkpointing.CheckpointMismatchError)
+  assert isinstance(error, errors.CheckpointMismatchError)
   assert error.missing == ['aggregator.channel_proj.bias',
                            'backbone.model.layer2.1.bn2.running_var']
   assert error.unexpected == ['aggregator.extra.weight', 'backbone.model.layer4.0.conv1.weight']
@@ -164,8 +167,8 @@ def test_mismatches_are_listed_together():
 def test_torchvision_depth_mismatch():
   pytest.importorskip('torch', reason='torch is the reference implementation')
   state_dict = randomised_torchvision_resnet('resnet18').state_dict()
-  with pytest.raises(convert.CheckpointMismatchError, match='missing') as info:
-    convert.torchvision_resnet_to_flax(state_dict, 50, (4,), source='resnet18.pth')
+  with pytest.raises(errors.StateDictMismatchError, match='missing') as info:
+    mapping.torchvision_resnet_to_flax(state_dict, 50, (4,), source='resnet18.pth')
   assert 'layer1.0.conv3.weight' in info.value.missing
   assert ('layer1.0.conv1.weight', (64, 64, 1, 1), (64, 64, 3, 3)) in info.value.mismatched
   assert 'resnet18.pth' in str(info.value)
@@ -173,14 +176,14 @@ def test_torchvision_depth_mismatch():
 
 def test_detect_kind_and_loading_errors(tmp_path):
   with pytest.raises(ValueError, match='Cannot tell'):
-    convert.detect_kind({'encoder.weight': np.zeros(1)})
+    mapping.detect_kind({'encoder.weight': np.zeros(1)})
   with pytest.raises(FileNotFoundError, match='nothing.pth'):
-    convert.load_torch_state_dict(str(tmp_path / 'nothing.pth'))
+    torch_files.load_torch_state_dict(str(tmp_path / 'nothing.pth'))
   pytest.importorskip('torch', reason='torch reads the files')
   garbage = tmp_path / 'garbage.pth'
   garbage.write_bytes(b'not a checkpoint')
   with pytest.raises(ValueError, match='garbage.pth'):
-    convert.load_torch_state_dict(str(garbage))
+    torch_files.load_torch_state_dict(str(garbage))
 
 
 def test_convert_checkpoint_writes_loadable_checkpoint(tmp_path):
@@ -193,10 +196,10 @@ def test_convert_checkpoint_writes_loadable_checkpoint(tmp_path):
   torch.save(torch_model.state_dict(), path)
 
   out = tmp_path / 'converted'
-  saved_config, _ = convert.convert_checkpoint(config, str(path), str(out))
+  saved_config, _ = converter.convert_checkpoint(config, str(path), str(out))
   assert saved_config.model.mixvpr_row_proj_bias is False
   assert config.model.mixvpr_row_proj_bias is True  # The caller's config is left alone.
-  loaded_config, variables, _ = checkpointing.load_for_eval(str(out))
+  loaded_config, variables, _ = orbax_states.load_for_eval(str(out))
   assert loaded_config.model.mixvpr_row_proj_bias is False
   images = _images(4)
   np.testing.assert_allclose(_descriptors(loaded_config, variables, images),
@@ -211,8 +214,8 @@ def test_nothing_written_on_failure(tmp_path):
   path = tmp_path / 'broken.ckpt'
   torch.save({'state_dict': state_dict}, path)
   out = tmp_path / 'out'
-  with pytest.raises(convert.CheckpointMismatchError, match='aggregator.channel_pool.bias'):
-    convert.convert_checkpoint(config, str(path), str(out))
+  with pytest.raises(errors.StateDictMismatchError, match='aggregator.channel_pool.bias'):
+    converter.convert_checkpoint(config, str(path), str(out))
   assert not out.exists()
   assert os.listdir(tmp_path) == ['broken.ckpt']
 
@@ -225,7 +228,7 @@ def test_cli_torchvision_backbone(tmp_path):
   torch.save(net.state_dict(), weights)
   config_file = tmp_path / 'config.py'
   config_file.write_text(
-      'from configs import default\n\n\n'
+      'from vpr_jax.configs import default\n\n\n'
       'def get_config():\n'
       '  config = default.get_config()\n'
       '  config.image_size = (64, 64)\n'
@@ -243,7 +246,7 @@ def test_cli_torchvision_backbone(tmp_path):
   assert 'backbone' in result.stdout and 'Total params' in result.stdout
   assert 'randomly initialised' in result.stderr
 
-  config, variables, _ = checkpointing.load_for_eval(str(out))
+  config, variables, _ = orbax_states.load_for_eval(str(out))
   assert config.model.aggregator == 'gem' and tuple(config.image_size) == (64, 64)
   np.testing.assert_array_equal(variables['params']['aggregator']['p'], [3.0])
   np.testing.assert_array_equal(
@@ -256,4 +259,4 @@ def test_cli_torchvision_backbone(tmp_path):
        f'--torch_checkpoint={weights}', f'--out={out}'],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode != 0 and 'not empty' in again.stderr
-  assert checkpointing.load_for_eval(str(out))[0].model.aggregator == 'gem'
+  assert orbax_states.load_for_eval(str(out))[0].model.aggregator == 'gem'

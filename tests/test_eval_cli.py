@@ -11,10 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
-from vpr_jax import checkpointing
-from vpr_jax import eval as eval_cli
-from vpr_jax import evaluation
+from vpr_jax.checkpoints import orbax_states
+from vpr_jax.cli import common
+from vpr_jax.cli import eval as eval_cli
+from vpr_jax.configs import default
+from vpr_jax.evaluation import descriptors
+from vpr_jax.evaluation import evaluate
 from vpr_jax.models import vpr_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,15 +41,16 @@ def runs_dir(tmp_path_factory):
   config = tiny_config()
   model = vpr_model.build_model(config)
   variables = vpr_model.init_variables(model, jax.random.PRNGKey(0))
-  checkpointing.save_inference_checkpoint(str(runs / 'run_a' / 'checkpoints'), config, variables)
+  orbax_states.save_inference_checkpoint(str(runs / 'run_a' / 'checkpoints'), config, variables)
   return runs
 
 
 def test_dashed_flags_are_normalised():
+  assert eval_cli.run  # the eval command's flags are defined (its import defines them)
   argv = ['eval', '--data-root=/x/my-data', '--save-descriptors', 'out-1.npz', '--only-failures',
           '--no-only-failures', '--noonly-failures', '--unknown-flag=1', '--output=a-b.json', '--',
           '--save-predictions']
-  assert eval_cli.normalize_dashed_flags(argv, flags.FLAGS) == [
+  assert common.rewrite_argv(argv, flags.FLAGS) == [
       'eval', '--data_root=/x/my-data', '--save_descriptors', 'out-1.npz', '--only_failures',
       '--noonly_failures', '--noonly_failures', '--unknown-flag=1', '--output=a-b.json', '--',
       '--save-predictions']
@@ -113,11 +116,11 @@ def test_evaluate_defaults_to_latest_run(synthetic_root, runs_dir, monkeypatch, 
   monkeypatch.setenv('VPR_RUNS_DIR', str(runs_dir))
   monkeypatch.setenv('VPR_JAX_CACHE_DIR', str(tmp_path / 'cache'))
   printed = []
-  cached_before = set(evaluation._EMBED_CACHE)  # pylint: disable=protected-access
-  results = evaluation.evaluate(None, ['synthetic_val', 'synthetic_test'], str(synthetic_root),
-                                output=str(tmp_path / 'both.json'),
-                                save_descriptors_to=str(tmp_path / 'd.npz'),
-                                print_fn=printed.append)
+  cached_before = set(descriptors._EMBED_CACHE)  # pylint: disable=protected-access
+  results = evaluate.evaluate(None, ['synthetic_val', 'synthetic_test'], str(synthetic_root),
+                              output=str(tmp_path / 'both.json'),
+                              save_descriptors_to=str(tmp_path / 'd.npz'),
+                              print_fn=printed.append)
   assert printed[0].startswith(f'Checkpoint: {runs_dir / "run_a"} (step 0)')
   assert [r.dataset for r in results] == ['synthetic_val', 'synthetic_test']
   assert sum('Performance on' in line for line in printed) == 2
@@ -126,7 +129,7 @@ def test_evaluate_defaults_to_latest_run(synthetic_root, runs_dir, monkeypatch, 
   assert (tmp_path / 'd_synthetic_val.npz').is_file()
   assert (tmp_path / 'd_synthetic_test.npz').is_file()
   # One jitted forward pass, compiled once, served both datasets.
-  cache = evaluation._EMBED_CACHE  # pylint: disable=protected-access
+  cache = descriptors._EMBED_CACHE  # pylint: disable=protected-access
   new_entries = [cache[key][1] for key in set(cache) - cached_before]
   assert len(new_entries) == 1
   assert new_entries[0]._cache_size() == 1  # pylint: disable=protected-access
@@ -135,4 +138,4 @@ def test_evaluate_defaults_to_latest_run(synthetic_root, runs_dir, monkeypatch, 
 def test_evaluate_without_any_run_says_where_it_looked(monkeypatch, tmp_path):
   monkeypatch.setenv('VPR_RUNS_DIR', str(tmp_path / 'empty_runs'))
   with pytest.raises(FileNotFoundError, match='no run with a checkpoint under'):
-    evaluation.evaluate(None, ['synthetic_val'])
+    evaluate.evaluate(None, ['synthetic_val'])

@@ -13,7 +13,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vpr_jax import evaluation
+from vpr_jax.evaluation import benchmark_eval
+
+from vpr_jax.evaluation import descriptors
+
+from vpr_jax.evaluation import outputs
+
+from vpr_jax.evaluation import search
 from vpr_jax import visualize
 
 
@@ -62,8 +68,8 @@ def test_recall_matches_per_query_loop(seed, num_database):
   for q in range(0, 300, 3):
     if positives[q].size:
       predictions[q, rng.integers(0, 25)] = positives[q][0]
-  ns = evaluation.DEFAULT_NS
-  got = evaluation.recall_at_n(predictions, positives, ns, num_database=num_database)
+  ns = search.RECALL_NS
+  got = search.recall_at_n(predictions, positives, ns, num_database=num_database)
   want = brute_force_recall(predictions, positives, ns)
   assert list(got) == list(ns)
   for n in ns:
@@ -82,7 +88,7 @@ def test_recall_hand_made_case():
   ])
   positives = [np.array([3]), np.array([8]), np.array([9]), np.array([], np.int64),
                np.array([7, 5])]
-  recall = evaluation.recall_at_n(predictions, positives, ns=(1, 2, 3, 4))
+  recall = search.recall_at_n(predictions, positives, ns=(1, 2, 3, 4))
   assert recall == {1: 20.0, 2: 40.0, 3: 40.0, 4: 60.0}
 
 
@@ -91,7 +97,7 @@ def test_recall_small_database_uses_all_predictions(caplog):
   predictions = np.array([[2, 0, 1], [0, 1, 2], [1, 2, 0], [0, 2, 1]])
   positives = [np.array([1]), np.array([0]), np.array([], np.int64), np.array([2])]
   with caplog.at_level(logging.WARNING):
-    recall = evaluation.recall_at_n(predictions, positives, num_database=3)
+    recall = search.recall_at_n(predictions, positives, num_database=3)
   assert recall == {1: 25.0, 5: 75.0, 10: 75.0, 15: 75.0, 20: 75.0, 25: 75.0}
   assert 'Only 3 predictions per query' in caplog.text
   assert brute_force_recall(predictions, positives, (1, 3, 25)) == {1: 25.0, 3: 75.0, 25: 75.0}
@@ -101,25 +107,25 @@ def test_recall_without_any_positive_is_zero_and_warns(caplog):
   predictions = np.tile(np.arange(25), (4, 1))
   positives = [np.zeros(0, np.int64)] * 4
   with caplog.at_level(logging.WARNING):
-    recall = evaluation.recall_at_n(predictions, positives)
+    recall = search.recall_at_n(predictions, positives)
   assert all(v == 0.0 for v in recall.values())
   assert 'No query has a positive' in caplog.text
 
 
 def test_recall_rejects_bad_input():
   with pytest.raises(ValueError, match='needs 25 predictions'):
-    evaluation.recall_at_n(np.zeros((2, 5), np.int64), [np.array([0])] * 2, num_database=100)
+    search.recall_at_n(np.zeros((2, 5), np.int64), [np.array([0])] * 2, num_database=100)
   with pytest.raises(ValueError, match='2 entries for 3 queries'):
-    evaluation.recall_at_n(np.zeros((3, 25), np.int64), [np.array([0])] * 2)
+    search.recall_at_n(np.zeros((3, 25), np.int64), [np.array([0])] * 2)
   with pytest.raises(ValueError, match='negative'):
-    evaluation.recall_at_n(np.zeros((1, 25), np.int64), [np.array([-1])])
+    search.recall_at_n(np.zeros((1, 25), np.int64), [np.array([-1])])
 
 
 def test_hit_matrix_never_matches_missing_predictions():
   # FAISS marks missing neighbours with -1; with pair encoding they must not alias other pairs.
   predictions = np.array([[0, -1], [4, -1]])
   positives = [np.array([0]), np.array([4, 9])]
-  hits = evaluation.hit_matrix(predictions, positives)
+  hits = search.hit_matrix(predictions, positives)
   np.testing.assert_array_equal(hits, [[True, False], [True, False]])
 
 
@@ -130,7 +136,7 @@ def test_search_matches_numpy_l2_argsort():
   rng = np.random.default_rng(0)
   database = rng.normal(size=(300, 16)).astype(np.float32) * rng.uniform(0.5, 3, (300, 1))
   queries = rng.normal(size=(40, 16)).astype(np.float32)
-  distances, predictions = evaluation.search(database, queries, k=25)
+  distances, predictions = search.search(database, queries, k=25)
   assert predictions.dtype == np.int64 and distances.dtype == np.float32
   assert predictions.shape == distances.shape == (40, 25)
   db = database / np.linalg.norm(database, axis=1, keepdims=True)
@@ -144,13 +150,13 @@ def test_search_matches_numpy_l2_argsort():
 
 def test_search_clamps_k_and_rejects_bad_descriptors():
   rng = np.random.default_rng(1)
-  distances, predictions = evaluation.search(rng.normal(size=(7, 4)), rng.normal(size=(3, 4)), 25)
+  distances, predictions = search.search(rng.normal(size=(7, 4)), rng.normal(size=(3, 4)), 25)
   assert predictions.shape == (3, 7)
   assert sorted(predictions[0].tolist()) == list(range(7))
   with pytest.raises(ValueError, match='NaN'):
-    evaluation.search(np.full((3, 4), np.nan), np.ones((2, 4)), 2)
+    search.search(np.full((3, 4), np.nan), np.ones((2, 4)), 2)
   with pytest.raises(ValueError, match='Descriptor sizes differ'):
-    evaluation.search(np.ones((3, 4)), np.ones((2, 5)), 2)
+    search.search(np.ones((3, 4)), np.ones((2, 5)), 2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,11 +180,11 @@ def test_embed_fn_sharded_matches_apply_and_is_cached():
   model = StandInModel()
   images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
   variables = model.init(jax.random.PRNGKey(0), images)
-  mesh = evaluation.eval_mesh(16)
+  mesh = descriptors.eval_mesh(16)
   assert mesh.devices.size == jax.local_device_count()
-  embed = evaluation.make_embed_fn(model, mesh)
-  assert evaluation.make_embed_fn(model, mesh) is embed
-  placed = evaluation.replicate(variables, mesh)
+  embed = descriptors.make_embed_fn(model, mesh)
+  assert descriptors.make_embed_fn(model, mesh) is embed
+  placed = descriptors.replicate(variables, mesh)
   out = embed(placed, images)
   assert out.dtype == jnp.float32 and out.shape == (16, 8)
   assert len(out.sharding.device_set) == mesh.devices.size
@@ -188,7 +194,7 @@ def test_embed_fn_sharded_matches_apply_and_is_cached():
   assert embed._cache_size() == 1  # pylint: disable=protected-access
   # A batch that does not divide by the devices falls back to one device.
   assert jax.local_device_count() == 8  # tests/conftest.py
-  assert evaluation.eval_mesh(6).devices.size == 1
+  assert descriptors.eval_mesh(6).devices.size == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +202,7 @@ def test_embed_fn_sharded_matches_apply_and_is_cached():
 
 def test_format_recall_table_looks_like_the_seed():
   recall = {1: 76.27, 5: 83.5, 10: 86.6, 15: 88.43, 20: 89.42, 25: 90.0}
-  table = evaluation.format_recall_table('sf_xs_val', recall)
+  table = outputs.format_recall_table('sf_xs_val', recall)
   expected = '\n'.join([
       '+----------------------------------------------------------+',
       '|                 Performance on sf_xs_val                 |',
@@ -208,7 +214,7 @@ def test_format_recall_table_looks_like_the_seed():
   ])
   assert table == expected
   # A long name widens the table instead of breaking the frame.
-  lines = evaluation.format_recall_table('a_very_long_dataset_name_' * 3, {1: 1.0}).splitlines()
+  lines = outputs.format_recall_table('a_very_long_dataset_name_' * 3, {1: 1.0}).splitlines()
   assert len({len(line) for line in lines}) == 1
 
 
@@ -240,19 +246,19 @@ def small_result(tmp_path):
   rng = np.random.default_rng(0)
   database = rng.normal(size=(6, 8)).astype(np.float32)
   queries = rng.normal(size=(4, 8)).astype(np.float32)
-  distances, predictions = evaluation.search(database, queries, 25)
-  result = evaluation.EvalResult(
+  distances, predictions = search.search(database, queries, 25)
+  result = benchmark_eval.EvalResult(
       dataset='tiny', num_database=6, num_queries=4, queries_without_positives=1,
-      recall=evaluation.recall_at_n(predictions, positives, num_database=6),
+      recall=search.recall_at_n(predictions, positives, num_database=6),
       database_descriptors=database, query_descriptors=queries, predictions=predictions,
-      distances=distances, correct=evaluation.hit_matrix(predictions, positives),
+      distances=distances, correct=search.hit_matrix(predictions, positives),
       benchmark=benchmark)
   return result
 
 
 def test_write_json_one_and_several(small_result, tmp_path):
   path = tmp_path / 'out' / 'results.json'
-  evaluation.write_json(str(path), [small_result], {'checkpoint': 'ckpt', 'step': 3})
+  outputs.write_json(str(path), [small_result], {'checkpoint': 'ckpt', 'step': 3})
   record = json.loads(path.read_text())
   assert {'dataset', 'num_database', 'num_queries', 'queries_without_positives',
           'recall', 'checkpoint', 'step'} <= set(record)
@@ -260,14 +266,14 @@ def test_write_json_one_and_several(small_result, tmp_path):
   assert record['num_queries'] == 4 and record['queries_without_positives'] == 1
   assert list(record['recall']) == ['1', '5', '10', '15', '20', '25']
   assert record['recall']['1'] == pytest.approx(small_result.recall[1])
-  evaluation.write_json(str(path), [small_result, small_result])
+  outputs.write_json(str(path), [small_result, small_result])
   assert [r['dataset'] for r in json.loads(path.read_text())] == ['tiny', 'tiny']
   assert os.listdir(path.parent) == ['results.json']  # no temporary files left
 
 
 def test_save_descriptors(small_result, tmp_path):
   path = tmp_path / 'desc.npz'
-  evaluation.save_descriptors(str(path), small_result)
+  outputs.save_descriptors(str(path), small_result)
   with np.load(path) as data:  # allow_pickle=False: strings must be unicode arrays
     assert data['database'].dtype == np.float32 and data['database'].shape == (6, 8)
     assert data['queries'].dtype == np.float32 and data['queries'].shape == (4, 8)
@@ -275,16 +281,16 @@ def test_save_descriptors(small_result, tmp_path):
     assert data['database_paths'].dtype.kind == 'U'
     assert data['database_paths'].tolist() == small_result.benchmark.database_paths
     assert data['queries_paths'].tolist() == small_result.benchmark.queries_paths
-  assert evaluation.per_dataset_path('d/x.npz', 'sf_xs/val', 2) == 'd/x_sf_xs_val.npz'
-  assert evaluation.per_dataset_path('d/x.npz', 'sf_xs_val', 1) == 'd/x.npz'
+  assert outputs.per_dataset_path('d/x.npz', 'sf_xs/val', 2) == 'd/x_sf_xs_val.npz'
+  assert outputs.per_dataset_path('d/x.npz', 'sf_xs_val', 1) == 'd/x.npz'
 
 
 def test_save_predictions_csv(small_result, tmp_path):
   path = tmp_path / 'pred.csv'
-  evaluation.save_predictions(str(path), [small_result])
+  outputs.save_predictions(str(path), [small_result])
   with open(path, newline='') as f:
     rows = list(csv.DictReader(f))
-  assert list(rows[0]) == list(evaluation.PREDICTION_COLUMNS)
+  assert list(rows[0]) == list(outputs.PREDICTION_COLUMNS)
   assert len(rows) == 4 * 6  # every query, k clamped to the database size
   benchmark = small_result.benchmark
   for row in rows:
@@ -331,7 +337,7 @@ def test_compute_descriptors_keeps_path_order_and_drops_padding(tmp_path):
   paths = names[::-1]  # not the sorted order
   model = StandInModel()
   variables = model.init(jax.random.PRNGKey(1), np.zeros((1, 16, 16, 3), np.uint8))
-  got = evaluation.compute_descriptors(model, variables, str(tmp_path), paths, (16, 16),
+  got = descriptors.compute_descriptors(model, variables, str(tmp_path), paths, (16, 16),
                                        batch_size=8)  # 8 devices, 2 batches, 5 padded rows
   assert got.shape == (11, 8) and got.dtype == np.float32
   pixels = np.stack([images_lib.load_resized_array(tmp_path / p, (16, 16)) for p in paths])
@@ -364,10 +370,10 @@ def test_recall_known_by_construction(tmp_path, caplog):
   model = StandInModel()
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.uint8))
   with caplog.at_level(logging.WARNING):
-    result = evaluation.evaluate_dataset(model, variables, benchmark, (16, 16), batch_size=8)
+    result = benchmark_eval.evaluate_dataset(model, variables, benchmark, (16, 16), batch_size=8)
   assert result.num_database == 6 and result.num_queries == 5
   assert result.queries_without_positives == 1
-  assert result.recall == {n: 80.0 for n in evaluation.DEFAULT_NS}
+  assert result.recall == {n: 80.0 for n in search.RECALL_NS}
   assert result.predictions.shape == (5, 6)  # k clamped to the database size
   # Each query's nearest database image is its byte copy, at descriptor distance ~0.
   copies = [benchmark.database_paths.index(p.replace('queries/', 'database/'))

@@ -23,10 +23,12 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from vpr_jax.configs import default
 from tests import e2e
-from vpr_jax import checkpointing
-from vpr_jax import training
+from vpr_jax import errors
+from vpr_jax.checkpoints import orbax_states
+from vpr_jax.training import state as train_state
+from vpr_jax.training import step as train_step_lib
 
 # Picks the steps at which runs are killed; another seed exercises other steps.
 SEED = int(os.environ.get('VPR_FAULTS_SEED', '0'))
@@ -107,8 +109,8 @@ def test_sigkill_at_a_step_and_during_a_checkpoint_write(reference, tmp_path, tm
   assert _resumed_from(output) == previous
   e2e.assert_same_losses(e2e.train_records(workdir), expected)
   assert _completed_steps(workdir) == [LAST_STEP] and not _unfinished(workdir)
-  _, got, _ = checkpointing.load_for_eval(workdir, step=LAST_STEP)
-  _, want, _ = checkpointing.load_for_eval(reference_dir, step=LAST_STEP)
+  _, got, _ = orbax_states.load_for_eval(workdir, step=LAST_STEP)
+  _, want, _ = orbax_states.load_for_eval(reference_dir, step=LAST_STEP)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
 
@@ -132,10 +134,10 @@ def test_nonfinite_step_stops_the_run_and_keeps_good_checkpoints(tmp_path, tmp_p
   assert [r['step'] for r in records] == [1, 2]
   # Both checkpoints restore, and hold finite values.
   for step in (0, 2):
-    _, variables, restored = checkpointing.load_for_eval(workdir, step=step)
+    _, variables, restored = orbax_states.load_for_eval(workdir, step=step)
     assert restored == step
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
-  assert checkpointing.load_for_eval(workdir)[2] == 0  # the best by R@1
+  assert orbax_states.load_for_eval(workdir)[2] == 0  # the best by R@1
 
 
 @pytest.mark.slow
@@ -177,9 +179,9 @@ def test_infinite_gradient_with_finite_loss_is_caught():
   images = np.full((4, 2, 2, 3), 7, np.uint8)
   variables = model.init(jax.random.PRNGKey(0), images, train=False)
   config = default.get_config()
-  state = training.create_train_state(config, model, None, tx=optax.sgd(0.1),
+  state = train_state.create_train_state(config, model, None, tx=optax.sgd(0.1),
                                       variables={'params': variables['params']})
-  step = jax.jit(lambda state, batch: training.train_step(
+  step = jax.jit(lambda state, batch: train_step_lib.train_step(
       state, batch, jax.random.PRNGKey(0), model=model, loss_fn=loss_fn,
       schedule=lambda count: 0.1))
   new_state, metrics = step(state, {'images': images, 'labels': np.arange(4, dtype=np.int32)})
@@ -203,7 +205,7 @@ def _train_item(step):
 
 
 def _check_previous_steps_restore(directory, config, steps):
-  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer = orbax_states.TrainCheckpointer(directory, config)
   assert sorted(checkpointer.latest.all_steps()) == [steps['latest']]
   for step in (steps['latest'], steps['best']):
     restored = checkpointer.restore(_variables(0.0), _train_item(0), step=step)
@@ -218,18 +220,18 @@ def _check_previous_steps_restore(directory, config, steps):
 def test_enospc_inside_orbax_names_the_intact_checkpoints(tmp_path, monkeypatch):
   config = default.get_config()
   directory = str(tmp_path / 'checkpoints')
-  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer = orbax_states.TrainCheckpointer(directory, config)
   checkpointer.save(1, variables=_variables(1.0), train=_train_item(1), r1=50.0)
   checkpointer.save(2, variables=_variables(2.0), train=_train_item(2))
-  real_save = checkpointing.ocp.StandardCheckpointHandler.async_save
+  real_save = orbax_states.ocp.StandardCheckpointHandler.async_save
 
   async def full_disk(self, directory, *args, **kwargs):
     if 'train' in os.path.basename(str(directory)):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
     return await real_save(self, directory, *args, **kwargs)
 
-  monkeypatch.setattr(checkpointing.ocp.StandardCheckpointHandler, 'async_save', full_disk)
-  with pytest.raises(checkpointing.CheckpointWriteError) as error:
+  monkeypatch.setattr(orbax_states.ocp.StandardCheckpointHandler, 'async_save', full_disk)
+  with pytest.raises(errors.CheckpointWriteError) as error:
     checkpointer.save(3, variables=_variables(3.0), train=_train_item(3), r1=60.0)
   monkeypatch.undo()
   message = str(error.value)
@@ -261,7 +263,7 @@ def tiny_filesystem(tmp_path):
 def test_real_full_disk_keeps_previous_checkpoints(tiny_filesystem):
   config = default.get_config()
   directory = str(tiny_filesystem / 'checkpoints')
-  checkpointer = checkpointing.TrainCheckpointer(directory, config)
+  checkpointer = orbax_states.TrainCheckpointer(directory, config)
   checkpointer.save(1, variables=_variables(1.0), train=_train_item(1), r1=50.0)
   checkpointer.save(2, variables=_variables(2.0), train=_train_item(2))
   stats = os.statvfs(tiny_filesystem)
@@ -270,7 +272,7 @@ def test_real_full_disk_keeps_previous_checkpoints(tiny_filesystem):
   # Random values: zstd cannot squeeze them into the few kilobytes left.
   noisy = {'params': {'w': np.random.default_rng(0).random((64, 64), np.float32)},
            'batch_stats': {'mean': np.zeros((8,), np.float32)}}
-  with pytest.raises(checkpointing.CheckpointWriteError,
+  with pytest.raises(errors.CheckpointWriteError,
                      match=r'step 3 .*\(no space left on device\)(.|\n)*previous checkpoints are '
                      r'intact \(latest: steps \[2\], best: steps \[1\]\)') as error:
     checkpointer.save(3, variables=noisy, train=_train_item(3))

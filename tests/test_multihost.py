@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests import e2e
-from vpr_jax import checkpointing
+from vpr_jax.checkpoints import orbax_states
 
 PLACES, IMAGES_PER_PLACE = 8, 2  # e2e.tiny_overrides
 
@@ -119,7 +119,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs):
   records = e2e.train_records(workdir)
   assert [r['step'] for r in records] == [1, 2, 3]
   np.testing.assert_allclose([r['loss'] for r in records], losses, rtol=1e-6)
-  config, variables, step = checkpointing.load_for_eval(workdir)
+  config, variables, step = orbax_states.load_for_eval(workdir)
   assert step == 3 and tuple(config.image_size) == (32, 32)
   sums = [float(np.sum(x, dtype=np.float64)) for x in jax.tree.leaves(variables['params'])]
   np.testing.assert_allclose(sums, first[-1]['param_sums'], rtol=1e-7, atol=1e-7)

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from vpr_jax.configs import default
 from vpr_jax import optim
 
 

@@ -6,11 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
+from vpr_jax.configs import default
 from vpr_jax import losses
 from vpr_jax import optim
 from vpr_jax import parallel
-from vpr_jax import training
+from vpr_jax.training import state as train_state
+from vpr_jax.training import step as train_step_lib
 from vpr_jax.models import vpr_model
 
 P, K, SIZE = 8, 2, 32
@@ -61,11 +62,11 @@ def setup():
   variables = vpr_model.init_variables(model, jax.random.PRNGKey(0), config.image_size)
   frozen = vpr_model.frozen_param_mask(variables['params'], config.model.layers_to_freeze)
   tx, schedule = optim.make_optimizer(config, steps_per_epoch=10, frozen_mask=frozen)
-  state = jax.device_get(training.create_train_state(config, model, None, tx=tx,
+  state = jax.device_get(train_state.create_train_state(config, model, None, tx=tx,
                                                      variables=variables))
   rng = jax.random.PRNGKey(1)
   reference_loss = _CountingLoss(config)
-  step = jax.jit(functools.partial(training.train_step, model=model, loss_fn=reference_loss,
+  step = jax.jit(functools.partial(train_step_lib.train_step, model=model, loss_fn=reference_loss,
                                    schedule=schedule))
   new_state, metrics = step(state, _batch(0), rng)
   return dict(config=config, state=state, schedule=schedule, rng=rng,
@@ -79,7 +80,7 @@ def _parallel_step(setup, mode):
     model = vpr_model.build_model(setup['config'], bn_axis_name=dp.axis_name)
     loss = _CountingLoss(setup['config'])
     step = dp.compile_step(functools.partial(
-        training.train_step, model=model, loss_fn=loss, schedule=setup['schedule'],
+        train_step_lib.train_step, model=model, loss_fn=loss, schedule=setup['schedule'],
         axis_name=dp.axis_name))
     setup['compiled'][mode] = (dp, step, loss)
   return setup['compiled'][mode]

@@ -9,7 +9,7 @@ import grain
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from vpr_jax.configs import default as default_config
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
 from vpr_jax.data import prepared

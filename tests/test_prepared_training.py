@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from configs import default as default_config
-from vpr_jax import training
+from vpr_jax.configs import default as default_config
+from vpr_jax.training import setup
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import prepared
 from vpr_jax.data import synthetic
@@ -102,38 +102,14 @@ def test_source_of_another_index_is_refused(prepared_setup, synthetic_root, tmp_
     train_pipeline.make_train_iterator(smaller, config, seed=0, prepared=source)
 
 
-def test_training_reads_the_prepared_folder(prepared_setup, tmp_path, monkeypatch):
-  """train_and_evaluate opens data.prepared_dir (relative to data.root) and hands it on."""
+def test_training_reads_the_prepared_folder(prepared_setup):
+  """A run opens data.prepared_dir (relative to data.root) instead of the image folders."""
   config, index, out = prepared_setup
   config = _config(config.data.root, config.data.cache_dir,
                    prepared_dir=os.path.relpath(out, config.data.root),
                    train_dir='does_not_exist', val_datasets=('synthetic_val',))
-  seen = {}
-
-  class _Stop(Exception):
-    pass
-
-  def fake_iterator(index_arg, config_arg, seed, **kwargs):
-    seen['index'], seen['prepared'] = index_arg, kwargs.get('prepared')
-    raise _Stop()
-
-  # Nothing is compiled: the wiring is what is checked here (test_training runs the loop).
-  monkeypatch.setattr(train_pipeline, 'make_train_iterator', fake_iterator)
-  monkeypatch.setattr(training, '_get_programs', _FakePrograms)
-  monkeypatch.setattr(training, 'create_train_state', lambda *a, **k: {})
-  monkeypatch.setattr(training, '_load_backbone_weights', lambda config, variables, root: {})
-  with pytest.raises(_Stop):
-    training.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert isinstance(seen['prepared'], prepared.PreparedSource)
-  assert os.path.samefile(seen['prepared'].directory, out)
-  np.testing.assert_array_equal(seen['index'].place_ids, index.place_ids)
-  assert seen['index'].fingerprint.startswith('prepared-')
-
-
-class _FakePrograms:
-  """Stands in for the compiled programs: nothing is compiled."""
-
-  def __init__(self, config, steps_per_epoch):
-    del config, steps_per_epoch
-    self.dp = self.model = self.tx = None
-    self.init = lambda rng: {}
+  seen_index, source = setup.load_training_places(config, config.data.root)
+  assert isinstance(source, prepared.PreparedSource)
+  assert os.path.samefile(source.directory, out)
+  np.testing.assert_array_equal(seen_index.place_ids, index.place_ids)
+  assert seen_index.fingerprint.startswith('prepared-')

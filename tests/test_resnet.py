@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpr_jax import convert
+from vpr_jax.conversion import mapping
 from vpr_jax.models import resnet
 
 STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
@@ -61,7 +61,7 @@ def _run_torch(name, depth, x):
   with torch.no_grad():
     eval_outputs = torch_stage_outputs(net.eval(), x)
     train_outputs = torch_stage_outputs(net.train(), x)
-  stats = convert.torchvision_resnet_to_flax(net.state_dict(), depth, (), dtype=dtype)
+  stats = mapping.torchvision_resnet_to_flax(net.state_dict(), depth, (), dtype=dtype)
   return eval_outputs, train_outputs, stats['batch_stats']
 
 
@@ -91,7 +91,7 @@ def test_matches_torchvision(name, depth):
   """Per-stage features in eval and train mode, and the running stats after a train forward."""
   torch = pytest.importorskip('torch', reason='torch is the reference implementation')
   x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-  initial = convert.torchvision_resnet_to_flax(
+  initial = mapping.torchvision_resnet_to_flax(
       randomised_torchvision_resnet(name, seed=depth).state_dict(), depth, ())
   ref_eval, ref_train, ref_stats = _run_torch(name, depth, x)
   _, exact_train, exact_stats = _run_torch(name, depth, x.double())

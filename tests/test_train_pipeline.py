@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import default
+from vpr_jax.configs import default
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
 from vpr_jax.data import train_pipeline

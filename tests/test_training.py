@@ -9,10 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
-from vpr_jax import checkpointing
+from vpr_jax.configs import default
+from vpr_jax import errors
+from vpr_jax.checkpoints import orbax_states
+from vpr_jax.checkpoints import run_config as run_config_lib
+from vpr_jax.training import hooks
+from vpr_jax.training import loop
+from vpr_jax.training import programs
+from vpr_jax.training import state as train_state
 from vpr_jax import losses
-from vpr_jax import training
 
 BAD_LABEL = 999
 
@@ -59,7 +64,7 @@ def nan_on_label(loss_fn, label):
 
 
 def _records(workdir):
-  with open(os.path.join(workdir, training.METRICS_FILENAME)) as f:
+  with open(os.path.join(workdir, hooks.METRICS_FILENAME)) as f:
     return [json.loads(line) for line in f]
 
 
@@ -73,7 +78,7 @@ def test_unknown_names_fail_before_reading_data(tmp_path):
     config.data.root = str(tmp_path / 'does_not_exist')
     (config[section] if section else config)[field] = value
     with pytest.raises(ValueError) as error:
-      training.train_and_evaluate(config, str(tmp_path / 'run'))
+      loop.train_and_evaluate(config, str(tmp_path / 'run'))
     assert value in str(error.value) and ('valid' in str(error.value).lower() or
                                           'expected' in str(error.value).lower()), error.value
   assert not os.path.exists(tmp_path / 'run')
@@ -84,14 +89,14 @@ def test_resume_reproduces_uninterrupted_run(synthetic_root, tmp_path):
   config = run_config(synthetic_root, tmp_path / 'cache')
   config.max_steps = 4
   uninterrupted = str(tmp_path / 'uninterrupted')
-  summary = training.train_and_evaluate(config, uninterrupted)
+  summary = loop.train_and_evaluate(config, uninterrupted)
   assert summary['step'] == 4 and summary['best_step'] == 3
 
   resumed = str(tmp_path / 'resumed')
   config.max_steps = 2
-  training.train_and_evaluate(config, resumed)
+  loop.train_and_evaluate(config, resumed)
   config.max_steps = 4  # a run-control field: resuming with it changed is allowed
-  training.train_and_evaluate(config, resumed)
+  loop.train_and_evaluate(config, resumed)
 
   expected, got = _records(uninterrupted), _records(resumed)
   train_records = lambda records: [r for r in records if 'loss' in r]
@@ -108,21 +113,21 @@ def test_resume_reproduces_uninterrupted_run(synthetic_root, tmp_path):
     assert key in train_records(got)[0]
 
   # Same final parameters, and the layout others rely on.
-  _, a, _ = checkpointing.load_for_eval(uninterrupted, step=4)
-  _, b, _ = checkpointing.load_for_eval(resumed, step=4)
+  _, a, _ = orbax_states.load_for_eval(uninterrupted, step=4)
+  _, b, _ = orbax_states.load_for_eval(resumed, step=4)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), a, b)
-  assert checkpointing.load_for_eval(resumed)[2] == 3  # best by R@1: the only validation
+  assert orbax_states.load_for_eval(resumed)[2] == 3  # best by R@1: the only validation
   assert os.listdir(os.path.join(resumed, 'checkpoints', 'latest')) == ['4']
   assert os.path.isfile(os.path.join(resumed, 'config.json'))
   assert os.listdir(os.path.join(resumed, 'tb'))
 
   # A finished run does nothing when rerun; another configuration is refused, nothing written.
-  assert training.train_and_evaluate(config, resumed)['step'] == 4
+  assert loop.train_and_evaluate(config, resumed)['step'] == 4
   assert len(_records(resumed)) == len(got)
   config.optim.learning_rate = 1e-2
-  with pytest.raises(checkpointing.CheckpointMismatchError, match='optim.learning_rate'):
-    training.train_and_evaluate(config, resumed)
-  assert checkpointing.read_config(resumed).optim.learning_rate == 5e-4
+  with pytest.raises(errors.CheckpointMismatchError, match='optim.learning_rate'):
+    loop.train_and_evaluate(config, resumed)
+  assert run_config_lib.read_config(resumed).optim.learning_rate == 5e-4
 
 
 def _bad_label_of_second_batch(config):
@@ -139,18 +144,18 @@ def _bad_label_of_second_batch(config):
 
 def _check_step_skips_nonfinite(config, bad_label):
   """The compiled step of a run: a non-finite loss leaves the whole state as it was."""
-  programs = training._get_programs(config, steps_per_epoch=3)  # pylint: disable=protected-access
-  dp = programs.dp
-  variables = programs.init(jax.random.PRNGKey(0))
-  state = training.create_train_state(config, programs.model, None, tx=programs.tx,
-                                      variables=variables)
+  progs = programs.get_programs(config, steps_per_epoch=3)
+  dp = progs.dp
+  variables = progs.init(jax.random.PRNGKey(0))
+  state = train_state.create_train_state(config, progs.model, None, tx=progs.tx,
+                                         variables=variables)
   state = dp.replicate(jax.device_get(state))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
   labels = np.repeat(np.arange(8, dtype=np.int32) + bad_label + 1, 2)
   bad_labels = labels.copy()
   bad_labels[:2] = bad_label
-  run = lambda state, labels: programs.train_step(
+  run = lambda state, labels: progs.train_step(
       state, dp.shard_batch({'images': images, 'labels': labels}), jax.random.PRNGKey(0))
 
   state, metrics = run(state, labels)
@@ -165,7 +170,7 @@ def _check_step_skips_nonfinite(config, bad_label):
   assert int(after.step) == 2
   assert int(after.nonfinite_count) == 1 and int(after.first_nonfinite_step) == 1
   # The learning rate follows the applied updates (warmup: step index 1 -> lr * 2 / 2).
-  np.testing.assert_allclose(float(metrics['lr']), float(programs.schedule(1)))
+  np.testing.assert_allclose(float(metrics['lr']), float(progs.schedule(1)))
   state, metrics = run(state, labels)
   assert float(metrics['finite']) == 1.0
   moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), dp.to_host(state).params,
@@ -180,24 +185,24 @@ def test_nonfinite_skip_and_stop(synthetic_root, tmp_path, monkeypatch):
   config.eval_every_epochs = 2
   bad_label = _bad_label_of_second_batch(config)
   real_make_loss = losses.make_loss
-  monkeypatch.setattr(training.losses, 'make_loss',
+  monkeypatch.setattr(programs.losses, 'make_loss',
                       lambda *args: nan_on_label(real_make_loss(*args), bad_label))
   # Steps compiled by other tests hold the real loss; these runs compile (once) the patched one.
-  training.clear_program_cache()
+  programs.clear_program_cache()
   try:
     _check_step_skips_nonfinite(config, bad_label)
 
     workdir = str(tmp_path / 'run')
     config.on_nonfinite = 'skip'
     config.max_steps = 1
-    training.train_and_evaluate(config, workdir)
-    after_step1 = checkpointing.load_for_eval(workdir)[1]
+    loop.train_and_evaluate(config, workdir)
+    after_step1 = orbax_states.load_for_eval(workdir)[1]
     config.max_steps = 2
-    assert training.train_and_evaluate(config, workdir)['skipped_steps'] == 1
-    after_step2 = checkpointing.load_for_eval(workdir)[1]
+    assert loop.train_and_evaluate(config, workdir)['skipped_steps'] == 1
+    after_step2 = orbax_states.load_for_eval(workdir)[1]
     jax.tree.map(np.testing.assert_array_equal, after_step2, after_step1)
     config.max_steps = 3
-    training.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     records = _records(workdir)
     assert [r['loss'] is None for r in records] == [False, True, False]
     assert [r['skipped_steps'] for r in records] == [0, 1, 1]
@@ -205,14 +210,14 @@ def test_nonfinite_skip_and_stop(synthetic_root, tmp_path, monkeypatch):
     # 'stop' looks at the steps of its own run: the skipped step 2 does not stop a resumed run.
     config.on_nonfinite = 'stop'
     config.max_steps = 4
-    assert training.train_and_evaluate(config, workdir)['step'] == 4
+    assert loop.train_and_evaluate(config, workdir)['step'] == 4
 
     # A bad step stops the run with the step's number; the checkpoints are left as they were.
     workdir = str(tmp_path / 'stopped')
     config.max_steps = 3
-    with pytest.raises(training.NonFiniteError, match='at step 2 '):
-      training.train_and_evaluate(config, workdir)
+    with pytest.raises(errors.NonFiniteError, match='at step 2 '):
+      loop.train_and_evaluate(config, workdir)
     assert os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) == ['1']
-    assert checkpointing.load_for_eval(workdir)[2] == 1
+    assert orbax_states.load_for_eval(workdir)[2] == 1
   finally:
-    training.clear_program_cache()
+    programs.clear_program_cache()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from vpr_jax.configs import default
 from tests.test_resnet import random_variables
 from vpr_jax.models import aggregators
 from vpr_jax.models import vpr_model

@@ -20,20 +20,21 @@ takes exactly the flags of `vpr_jax.train`. Hooks are chosen by environment vari
                                of the batch this process fed.
 """
 
-import dataclasses
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import time
 
-from absl import app
 import jax
 import numpy as np
 
-from vpr_jax import checkpointing
-from vpr_jax import train
-from vpr_jax import training
+from vpr_jax.checkpoints import orbax_states
+from vpr_jax.cli import common
+from vpr_jax.cli import train
+from vpr_jax.training import hooks
+
 
 _SLEEP_SECONDS = 600
 
@@ -50,40 +51,34 @@ def _announce(name):
     f.write(str(os.getpid()))
 
 
-def _install_pause_after_step(step):
-  real_write = training._MetricsFile.write  # pylint: disable=protected-access
+class _PauseAfterStep(hooks.Hook):
+  """Once the training record of `step` is in metrics.jsonl (before that step is checkpointed)."""
 
-  def write(self, record):
-    real_write(self, record)
-    if record.get('step') == step and 'loss' in record:
-      _announce(f'paused_at_{step}')
+  def __init__(self, step):
+    self.step = step
+
+  def on_train_record(self, run, record):
+    if record.get('step') == self.step:
+      _announce(f'paused_at_{self.step}')
       time.sleep(_SLEEP_SECONDS)
 
-  training._MetricsFile.write = write  # pylint: disable=protected-access
+
+_saving = {'step': None}  # the step being checkpointed, None outside a save
 
 
-_saving = {'step': None}  # the step TrainCheckpointer.save is writing, None outside a save
+class _TrackSavedStep(hooks.Hook):
 
-
-def _track_saved_step():
-  if getattr(checkpointing.TrainCheckpointer.save, 'tracks_step', False):
-    return
-  real_save = checkpointing.TrainCheckpointer.save
-
-  def save(self, step, **kwargs):
+  @contextlib.contextmanager
+  def on_save(self, run, step):
     _saving['step'] = step
     try:
-      return real_save(self, step, **kwargs)
+      yield
     finally:
       _saving['step'] = None
 
-  save.tracks_step = True
-  checkpointing.TrainCheckpointer.save = save
-
 
 def _install_block_in_save(step):
-  _track_saved_step()
-  real_json_save = checkpointing.ocp.JsonCheckpointHandler.async_save
+  real_json_save = orbax_states.ocp.JsonCheckpointHandler.async_save
 
   async def json_save(self, directory, *args, **kwargs):
     if _saving['step'] == step:
@@ -91,33 +86,31 @@ def _install_block_in_save(step):
       time.sleep(_SLEEP_SECONDS)  # blocks the whole save, as a stalled write would
     return await real_json_save(self, directory, *args, **kwargs)
 
-  checkpointing.ocp.JsonCheckpointHandler.async_save = json_save
+  orbax_states.ocp.JsonCheckpointHandler.async_save = json_save
 
 
 def _install_enospc_at_step(step):
-  _track_saved_step()
-  real_array_save = checkpointing.ocp.StandardCheckpointHandler.async_save
+  real_array_save = orbax_states.ocp.StandardCheckpointHandler.async_save
 
   async def array_save(self, directory, *args, **kwargs):
     if _saving['step'] == step:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
     return await real_array_save(self, directory, *args, **kwargs)
 
-  checkpointing.ocp.StandardCheckpointHandler.async_save = array_save
+  orbax_states.ocp.StandardCheckpointHandler.async_save = array_save
 
 
-def _wrap_train_step(wrap):
-  """Replaces the compiled step of the run by wrap(step) (the cached original is kept)."""
-  real_get_programs = training._get_programs  # pylint: disable=protected-access
+class _WrapStep(hooks.Hook):
+  """Replaces the compiled step of the run by wrap(step)."""
 
-  def get_programs(*args, **kwargs):
-    programs = real_get_programs(*args, **kwargs)
-    return dataclasses.replace(programs, train_step=wrap(programs.train_step))
+  def __init__(self, wrap):
+    self.wrap = wrap
 
-  training._get_programs = get_programs  # pylint: disable=protected-access
+  def wrap_train_step(self, step_fn):
+    return self.wrap(step_fn)
 
 
-def _install_nonfinite_at_step(step):
+def _nonfinite_at_step(step):
 
   def wrap(real_step):
     # A NaN in the first parameter leaf (not a scalar): the forward pass spreads it to the loss.
@@ -131,7 +124,7 @@ def _install_nonfinite_at_step(step):
 
     return train_step
 
-  _wrap_train_step(wrap)
+  return _WrapStep(wrap)
 
 
 def _local_rows(array):
@@ -146,7 +139,7 @@ def _local_rows(array):
   return np.concatenate(rows)
 
 
-def _install_recorder(record_dir):
+def _recorder(record_dir):
   os.makedirs(record_dir, exist_ok=True)
 
   def record(state, metrics, batch):
@@ -180,31 +173,32 @@ def _install_recorder(record_dir):
 
     return train_step
 
-  _wrap_train_step(wrap)
+  return _WrapStep(wrap)
 
 
 def install_hooks():
-  """Installs the hooks named by the environment (see the module docstring)."""
+  """The hooks named by the environment (see the module docstring); patches orbax for faults."""
+  installed = [_TrackSavedStep()]
   pause = _env_int('VPR_TEST_PAUSE_AFTER_STEP')
   if pause is not None:
-    _install_pause_after_step(pause)
+    installed.append(_PauseAfterStep(pause))
   block = _env_int('VPR_TEST_BLOCK_IN_SAVE_STEP')
   if block is not None:
     _install_block_in_save(block)
   nonfinite = _env_int('VPR_TEST_NONFINITE_AT_STEP')
   if nonfinite is not None:
-    _install_nonfinite_at_step(nonfinite)
+    installed.append(_nonfinite_at_step(nonfinite))
   enospc = _env_int('VPR_TEST_ENOSPC_AT_STEP')
   if enospc is not None:
     _install_enospc_at_step(enospc)
   if os.environ.get('VPR_TEST_RECORD_DIR'):
-    _install_recorder(os.environ['VPR_TEST_RECORD_DIR'])
+    installed.append(_recorder(os.environ['VPR_TEST_RECORD_DIR']))
+  return installed
 
 
 def main(argv):
-  install_hooks()
-  train.main(argv)
+  train.main(argv, hooks=install_hooks())
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

@@ -8,8 +8,11 @@ would create it 0600, unreadable by collaborators).
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import IO, Any, Callable, Iterator, Union
+
+from vpr_jax.errors import OutputPathError
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,6 +71,11 @@ def atomic_write(path: PathLike, data: Union[str, bytes, Callable[[IO[Any]], Non
       f.write(data)
 
 
+def safe_file_name(name: str) -> str:
+  """`name` (a dataset name or path) as one file-name component: [A-Za-z0-9_.-] only."""
+  return re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_') or 'dataset'
+
+
 def check_output_path(path: PathLike, what: str = 'output') -> str:
   """Checks, before any work, that a result file can be written at `path`.
 
@@ -95,7 +103,3 @@ def check_output_path(path: PathLike, what: str = 'output') -> str:
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise OutputPathError(f'{what} {path!r} exists and is not writable.')
   return path
-
-
-class OutputPathError(OSError):
-  """A result file cannot be written where the user asked."""

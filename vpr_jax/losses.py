@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from vpr_jax.errors import ConfigError
+
 DISTANCE_NAMES = ('DotProductSimilarity', 'CosineSimilarity', 'LpDistance')
 TRIPLET_TYPES = ('semihard', 'hard', 'easy', 'all')
 
@@ -287,7 +289,7 @@ def _resolve_params(kind: str, name: str, defaults: Mapping[str, Any], params) -
     raise TypeError(f'{kind} params for {name} must be a mapping, got {type(params).__name__}.')
   unknown = sorted(set(params) - set(defaults))
   if unknown:
-    raise ValueError(f'Unknown {kind} parameter(s) {unknown} for {name}; supported: '
+    raise ConfigError(f'Unknown {kind} parameter(s) {unknown} for {name}; supported: '
                      f'{sorted(defaults)}.')
   resolved = {**defaults, **params}
   for key, value in resolved.items():
@@ -295,25 +297,25 @@ def _resolve_params(kind: str, name: str, defaults: Mapping[str, Any], params) -
     where = f'{kind} parameter {name}.{key}'
     if key == 'distance':
       if value not in DISTANCE_NAMES:
-        raise ValueError(f'{where} must be one of {DISTANCE_NAMES}, got {value!r}.')
+        raise ConfigError(f'{where} must be one of {DISTANCE_NAMES}, got {value!r}.')
       resolved[key] = _Distance(value)
     elif key == 'type_of_triplets':
       if value not in TRIPLET_TYPES:
-        raise ValueError(f'{where} must be one of {TRIPLET_TYPES}, got {value!r}.')
+        raise ConfigError(f'{where} must be one of {TRIPLET_TYPES}, got {value!r}.')
     elif key == 'triplets_per_anchor':
       if value != 'all':
-        raise ValueError(f"{where} must be 'all' (every triplet of the batch); sampling a "
+        raise ConfigError(f"{where} must be 'all' (every triplet of the batch); sampling a "
                          f'number of random triplets per anchor is not supported, got {value!r}.')
     elif isinstance(default, bool):
       if not isinstance(value, bool):
-        raise ValueError(f'{where} must be a bool, got {value!r}.')
+        raise ConfigError(f'{where} must be a bool, got {value!r}.')
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise ValueError(f'{where} must be a number, got {value!r}.')
+      raise ConfigError(f'{where} must be a number, got {value!r}.')
     else:
       resolved[key] = float(value)
   for key in ('alpha', 'beta'):
     if key in resolved and resolved[key] <= 0:
-      raise ValueError(f'{kind} parameter {name}.{key} must be > 0, got {resolved[key]}.')
+      raise ConfigError(f'{kind} parameter {name}.{key} must be > 0, got {resolved[key]}.')
   return resolved
 
 
@@ -360,9 +362,9 @@ def make_loss(loss_name: str, loss_params: Mapping[str, Any] | None = None,
     ValueError: unknown loss, miner or parameter names, or unsupported parameter values.
   """
   if loss_name not in _LOSS_DEFAULTS:
-    raise ValueError(f'Unknown loss {loss_name!r}; valid choices: {LOSS_NAMES}.')
+    raise ConfigError(f'Unknown loss.name {loss_name!r}; valid choices: {LOSS_NAMES}.')
   if miner_name not in _NO_MINER and miner_name not in _MINER_DEFAULTS:
-    raise ValueError(f'Unknown miner {miner_name!r}; valid choices: {MINER_NAMES} or None.')
+    raise ConfigError(f'Unknown loss.miner_name {miner_name!r}; valid choices: {MINER_NAMES} or None.')
   loss_kwargs = _resolve_params('loss', loss_name, _LOSS_DEFAULTS[loss_name], loss_params)
   loss_kwargs.pop('triplets_per_anchor', None)
   loss_impl = _LOSS_FUNCTIONS[loss_name]
@@ -396,3 +398,9 @@ def make_loss(loss_name: str, loss_params: Mapping[str, Any] | None = None,
     return loss, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
   return loss_fn
+
+
+def check_config(loss_config) -> None:
+  """Checks `config.loss`: names and parameters of the loss and the miner (ConfigError)."""
+  make_loss(loss_config.name, loss_config.params, loss_config.miner_name,
+            loss_config.miner_params)

@@ -23,30 +23,31 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vpr_jax.errors import ConfigError
+
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('multistep', 'cosine', 'constant')
 
 # torch.optim defaults.
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-SGD_DAMPENING = 0.0
 SGD_NESTEROV = False
 
 Schedule = Callable[[Any], jax.Array]
 
 
-def validate_optim_config(optim_config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for an unknown optimiser or schedule, listing the valid choices."""
+def check_config(optim_config: ml_collections.ConfigDict) -> None:
+  """Checks `config.optim`: the optimiser and schedule names (listing the valid choices), sizes."""
   if optim_config.optimizer not in OPTIMIZERS:
-    raise ValueError(f'Unknown optim.optimizer {optim_config.optimizer!r}; valid choices: '
+    raise ConfigError(f'Unknown optim.optimizer {optim_config.optimizer!r}; valid choices: '
                      f'{", ".join(OPTIMIZERS)}.')
   if optim_config.schedule not in SCHEDULES:
-    raise ValueError(f'Unknown optim.schedule {optim_config.schedule!r}; valid choices: '
+    raise ConfigError(f'Unknown optim.schedule {optim_config.schedule!r}; valid choices: '
                      f'{", ".join(SCHEDULES)}.')
   if optim_config.warmup_steps < 0:
-    raise ValueError(f'optim.warmup_steps must be >= 0, got {optim_config.warmup_steps}.')
+    raise ConfigError(f'optim.warmup_steps must be >= 0, got {optim_config.warmup_steps}.')
   if optim_config.learning_rate <= 0:
-    raise ValueError(f'optim.learning_rate must be > 0, got {optim_config.learning_rate}.')
+    raise ConfigError(f'optim.learning_rate must be > 0, got {optim_config.learning_rate}.')
 
 
 def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -61,7 +62,7 @@ def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
   Returns:
     `schedule(step) -> float32 learning rate`, jit-safe.
   """
-  validate_optim_config(optim_config)
+  check_config(optim_config)
   if steps_per_epoch < 1:
     raise ValueError(f'steps_per_epoch must be >= 1, got {steps_per_epoch}.')
   base_lr = float(optim_config.learning_rate)

@@ -20,13 +20,14 @@ P / process_count places.
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from absl import logging
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from vpr_jax.errors import ConfigError
 BATCH_AXIS = 'batch'
 PARALLEL_MODES = ('jit', 'pmap')
 
@@ -124,11 +125,11 @@ def batch_sizes(places_per_batch: int, images_per_place: int) -> BatchSizes:
   """
   num_processes, num_devices = jax.process_count(), jax.device_count()
   if places_per_batch % num_processes:
-    raise ValueError(f'data.places_per_batch={places_per_batch} must be a multiple of the number '
+    raise ConfigError(f'data.places_per_batch={places_per_batch} must be a multiple of the number '
                      f'of processes ({num_processes}): each process loads its own places.')
   images = places_per_batch * images_per_place
   if images % num_devices:
-    raise ValueError(f'The batch of {places_per_batch} x {images_per_place} = {images} images does '
+    raise ConfigError(f'The batch of {places_per_batch} x {images_per_place} = {images} images does '
                      f'not split over {num_devices} devices; choose data.places_per_batch so that '
                      f'P * K is a multiple of {num_devices}.')
   return BatchSizes(places_global=places_per_batch,
@@ -137,13 +138,26 @@ def batch_sizes(places_per_batch: int, images_per_place: int) -> BatchSizes:
                     num_devices=num_devices)
 
 
+def check_config(config) -> None:
+  """Checks config.parallel and that the batch (data.places_per_batch x data.images_per_place)
+  splits over the processes and devices."""
+  if config.parallel not in PARALLEL_MODES:
+    raise ConfigError(f'Unknown parallel mode {config.parallel!r}; valid choices: '
+                      f'{", ".join(PARALLEL_MODES)}.')
+  for field in ('places_per_batch', 'images_per_place'):
+    value = config.data[field]
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f'data.{field} must be a positive integer, got {value!r}.')
+  batch_sizes(int(config.data.places_per_batch), int(config.data.images_per_place))
+
+
 def flatten_places(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """[P, K, ...] -> [P * K, ...] for every array of a train batch (a free reshape on the host)."""
   return {key: value.reshape((-1,) + value.shape[2:]) for key, value in batch.items()}
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A 1-D mesh named 'batch' over all devices (of all processes)."""
+  """A 1-D mesh with axis `BATCH_AXIS` over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (BATCH_AXIS,))
 
@@ -179,7 +193,7 @@ class DataParallel:
                                     if d.process_index == jax.process_index()])
     else:
       local = jax.local_devices() if devices is None else list(devices)
-      self.mesh = Mesh(np.asarray(local), (BATCH_AXIS,))
+      self.mesh = make_mesh(local)
       self.axis_name = BATCH_AXIS
       self._sharded = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
       self.num_local_devices = len(local)
@@ -288,6 +302,22 @@ def prefetch(iterator: Iterable[Any], put: Callable[[Any], Any], size: int = 2) 
       yield queue.pop(0)
   while queue:
     yield queue.pop(0)
+
+
+def host_batches(train_iter: Iterable[Mapping[str, np.ndarray]]
+                 ) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
+  """Training batches as the step takes them, each with the iterator state after it.
+
+  Args:
+    train_iter: the grain iterator of [P, K, ...] place batches ('images', 'labels'); its
+      `get_state()` after a batch is what a checkpoint of the following step must hold.
+
+  Yields:
+    ({'images': [P * K, H, W, 3], 'labels': [P * K]}, iterator state).
+  """
+  for batch in train_iter:
+    yield (flatten_places({'images': batch['images'], 'labels': batch['labels']}),
+           train_iter.get_state())
 
 
 def global_mean(x: jax.Array, axis_name: Optional[str]) -> jax.Array:

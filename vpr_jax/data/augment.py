@@ -22,6 +22,7 @@ from PIL import ImageEnhance
 from PIL import ImageOps
 
 from vpr_jax.data import images
+from vpr_jax.errors import ConfigError
 
 # torchvision's order (RandAugment._augmentation_space): the op index drawn selects from it.
 OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color',
@@ -256,10 +257,25 @@ def make_train_transform(config) -> TrainTransform:
   """
   mode = config.data.augment
   if mode not in AUGMENT_MODES:
-    raise ValueError(f'config.data.augment must be one of {AUGMENT_MODES}, got {mode!r}.')
+    raise ConfigError(f'data.augment must be one of {AUGMENT_MODES}, got {mode!r}.')
   randaugment = None
   if mode == 'randaugment':
     randaugment = RandAugment(num_ops=config.data.randaugment_num_ops,
                               magnitude=config.data.randaugment_magnitude,
                               num_magnitude_bins=config.data.randaugment_num_magnitude_bins)
   return TrainTransform(config.image_size, randaugment)
+
+
+def check_config(data_config) -> None:
+  """Checks data.augment and the RandAugment fields (ConfigError naming the field)."""
+  if data_config.augment not in AUGMENT_MODES:
+    raise ConfigError(f'Unknown data.augment {data_config.augment!r}; valid choices: '
+                      f'{", ".join(AUGMENT_MODES)}.')
+  bins = int(data_config.randaugment_num_magnitude_bins)
+  if int(data_config.randaugment_num_ops) < 0:
+    raise ConfigError('data.randaugment_num_ops must be >= 0, got '
+                      f'{data_config.randaugment_num_ops}.')
+  if not 0 <= int(data_config.randaugment_magnitude) < bins:
+    raise ConfigError(f'data.randaugment_magnitude must be in [0, {bins - 1}] '
+                      f'(data.randaugment_num_magnitude_bins={bins}), got '
+                      f'{data_config.randaugment_magnitude}.')

@@ -44,6 +44,10 @@ from typing import Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
+from vpr_jax.data import roots
+from vpr_jax.errors import DatasetNotFoundError
+from vpr_jax.errors import MalformedDatasetError
+
 REGISTRY = {
     'sf_xs_val': 'sf_xs/val',
     'sf_xs_test': 'sf_xs/test',
@@ -51,7 +55,6 @@ REGISTRY = {
     'synthetic_val': 'synthetic_val',
     'synthetic_test': 'synthetic_test',
 }
-DATA_ROOT_ENV = 'VPR_DATA_ROOT'
 CACHE_DIR_ENV = 'VPR_JAX_CACHE_DIR'
 DEFAULT_RADIUS_M = 25.0
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -60,14 +63,6 @@ _CACHE_VERSION = 1
 EXPECTED_LAYOUT = (
     'expected layout: <split folder>/database/*.jpg and <split folder>/queries/*.jpg, file names '
     '"@UTM_east@UTM_north@zone@band@lat@lon@...@.jpg"')
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """A benchmark (or the data root) is not where it was looked for."""
-
-
-class MalformedDatasetError(ValueError):
-  """A benchmark folder exists but its content is not usable (empty, bad names, bad lists)."""
 
 
 @dataclasses.dataclass
@@ -133,32 +128,8 @@ class BenchmarkSet:
 # Data root and name resolution.
 
 
-def resolve_data_root(data_root: str | None = None) -> str:
-  """Returns the data root: the argument if non-empty, else $VPR_DATA_ROOT.
-
-  Args:
-    data_root: config.data.root or a command-line flag; '' or None means "use the environment".
-
-  Returns:
-    An absolute path to an existing folder.
-
-  Raises:
-    DatasetNotFoundError: no root given and $VPR_DATA_ROOT unset, or the folder does not exist.
-  """
-  origin = 'the data root argument (config.data.root / --data_root)'
-  if not data_root:
-    data_root = os.environ.get(DATA_ROOT_ENV, '')
-    origin = f'${DATA_ROOT_ENV}'
-    if not data_root:
-      registered = ', '.join(f'{k} -> <root>/{v}' for k, v in REGISTRY.items())
-      raise DatasetNotFoundError(
-          'no data root: set config.data.root (or the --data_root flag) or the environment '
-          f'variable {DATA_ROOT_ENV} to the folder holding the datasets (registered benchmarks: '
-          f'{registered}).')
-  root = os.path.abspath(os.path.expanduser(data_root))
-  if not os.path.isdir(root):
-    raise DatasetNotFoundError(f'data root {root!r} (from {origin}) is not a folder.')
-  return root
+def _registry_hint() -> str:
+  return 'registered benchmarks: ' + ', '.join(f'{k} -> <root>/{v}' for k, v in REGISTRY.items())
 
 
 def resolve_benchmark_dir(name_or_path: str, data_root: str | None = None) -> str:
@@ -167,7 +138,7 @@ def resolve_benchmark_dir(name_or_path: str, data_root: str | None = None) -> st
   Args:
     name_or_path: a name in REGISTRY, or a folder holding database/ and queries/ (absolute, or
       relative to the data root, or to the working directory).
-    data_root: see `resolve_data_root`.
+    data_root: see `roots.resolve_data_root`.
 
   Returns:
     The absolute split folder (its content is not checked here).
@@ -176,7 +147,7 @@ def resolve_benchmark_dir(name_or_path: str, data_root: str | None = None) -> st
     DatasetNotFoundError: with every path tried and the expected layout.
   """
   if name_or_path in REGISTRY:
-    root = resolve_data_root(data_root)
+    root = roots.resolve_data_root(data_root, hint=_registry_hint())
     split_dir = os.path.join(root, REGISTRY[name_or_path])
     if not os.path.isdir(split_dir):
       raise DatasetNotFoundError(
@@ -189,7 +160,7 @@ def resolve_benchmark_dir(name_or_path: str, data_root: str | None = None) -> st
     tried.append(path)
   else:
     try:
-      tried.append(os.path.join(resolve_data_root(data_root), path))
+      tried.append(os.path.join(roots.resolve_data_root(data_root, hint=_registry_hint()), path))
     except DatasetNotFoundError:
       pass
     tried.append(os.path.abspath(path))

@@ -57,7 +57,7 @@ mostly fused by XLA, instead of fourteen.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -488,3 +488,30 @@ def rand_augment(images: jax.Array, rng: jax.Array, num_ops: int = 3, magnitude:
   for i in range(num_ops):
     flat = apply_ops(flat, ops[:, i], negative[:, i], tables)
   return flat.reshape(shape)
+
+
+def make_augment_fn(config) -> Callable:
+  """On-device RandAugment for data.augment='device': (images, rng, axis_name) -> images.
+
+  Under pmap, the ops of the whole global batch are drawn and each device takes its slice, so
+  the draws do not depend on the number of devices.
+  """
+  data = config.data
+  num_ops, magnitude = int(data.randaugment_num_ops), int(data.randaugment_magnitude)
+  bins = int(data.randaugment_num_magnitude_bins)
+
+  def augment(images, rng, axis_name):
+    if axis_name is None:
+      return rand_augment(images, rng, num_ops, magnitude, bins)
+    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    tables = make_op_tables(h, w, magnitude, bins)
+    total = n * jax.lax.axis_size(axis_name)
+    ops, negative = sample_ops(rng, total, num_ops)
+    start = jax.lax.axis_index(axis_name) * n
+    ops = jax.lax.dynamic_slice_in_dim(ops, start, n)
+    negative = jax.lax.dynamic_slice_in_dim(negative, start, n)
+    for i in range(num_ops):
+      images = apply_ops(images, ops[:, i], negative[:, i], tables)
+    return images
+
+  return augment

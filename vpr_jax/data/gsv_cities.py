@@ -47,6 +47,9 @@ from typing import Iterable, Sequence
 from absl import logging
 import numpy as np
 
+from vpr_jax.errors import ConfigError
+from vpr_jax.errors import DatasetError
+
 LAYOUTS = ('gsv_cities', 'gsv_xs')
 CSV_COLUMNS = ('place_id', 'year', 'month', 'northdeg', 'city_id', 'lat', 'lon', 'panoid')
 # The reference loader offsets the place ids of the i-th city by i * 10**5.
@@ -59,8 +62,13 @@ _IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 _MAX_LISTED = 5
 
 
-class DatasetError(ValueError):
-  """The training data on disk does not have the expected layout or content."""
+def check_config(data_config) -> None:
+  """Checks data.train_layout and data.min_img_per_place (ConfigError naming the field)."""
+  if data_config.train_layout not in LAYOUTS:
+    raise ConfigError(f'Unknown data.train_layout {data_config.train_layout!r}; valid choices: '
+                      f'{", ".join(LAYOUTS)}.')
+  if int(data_config.min_img_per_place) < 1:
+    raise ConfigError(f'data.min_img_per_place must be >= 1, got {data_config.min_img_per_place}.')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -169,7 +177,8 @@ def available_cities(train_dir: str, layout: str) -> list[str]:
 
 def _check_layout(layout: str):
   if layout not in LAYOUTS:
-    raise ValueError(f'Unknown training layout {layout!r}; expected one of {LAYOUTS}.')
+    raise ConfigError(f'Unknown data.train_layout {layout!r}; valid choices: '
+                      f'{", ".join(LAYOUTS)}.')
 
 
 def _resolve_cities(requested: Sequence[str], found: Sequence[str], where: str) -> list[str]:

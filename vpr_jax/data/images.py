@@ -36,29 +36,13 @@ import numpy as np
 from PIL import Image
 from PIL import ImageFile
 
+from vpr_jax.errors import ImageDecodeError
+
 # Modes whose conversion to RGB goes through PIL's `convert('RGB')` as is.
 _PLAIN_CONVERT_MODES = frozenset({'1', 'L', 'P', 'CMYK', 'YCbCr', 'LAB', 'HSV', 'RGBX'})
 # Modes carrying an alpha channel (premultiplied ones included).
 _ALPHA_MODES = frozenset({'RGBA', 'LA', 'PA', 'RGBa', 'La'})
 _SIXTEEN_BIT_MODES = frozenset({'I;16', 'I;16B', 'I;16L', 'I;16N', 'I'})
-
-
-class ImageDecodeError(Exception):
-  """A file could not be decoded as an image.
-
-  Attributes:
-    path: the file that failed.
-    reason: why, in words (the underlying decoder error included).
-  """
-
-  def __init__(self, path: str, reason: str):
-    self.path = str(path)
-    self.reason = str(reason)
-    super().__init__(f'cannot decode image {self.path!r}: {self.reason}')
-
-  def __reduce__(self):
-    # Errors raised in data worker processes are pickled back to the parent.
-    return (type(self), (self.path, self.reason))
 
 
 def _check_truncation_policy():

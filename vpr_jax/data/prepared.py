@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image
 
 from vpr_jax.data import images
+from vpr_jax.errors import PreparedDataError
 from vpr_jax.data.gsv_cities import PlaceIndex
 
 FORMAT_VERSION = 1
@@ -75,10 +76,6 @@ _ARRAY_FIELDS = ('image_paths', 'image_dates', 'image_lats', 'place_offsets', 'p
                  'place_cities')
 # Images handed to a worker at a time: large enough to amortise the inter-process traffic.
 _CHUNK_SIZE = 64
-
-
-class PreparedDataError(ValueError):
-  """A prepared folder is missing, incomplete, or does not match what was asked for."""
 
 
 def shard_name(shard: int, num_shards: int) -> str:

@@ -48,7 +48,6 @@ Nothing here imports JAX (grain itself may import it; the workers never initiali
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Iterator
 
@@ -58,7 +57,9 @@ import numpy as np
 
 from vpr_jax.data import augment
 from vpr_jax.data import images
+from vpr_jax.data import workers as worker_counts
 from vpr_jax.data.gsv_cities import PlaceIndex
+from vpr_jax.errors import TooManyBadImagesError
 
 _STATE_VERSION = 1
 # Random-stream tags: the epoch order and the per-place draws never share a stream.
@@ -66,30 +67,11 @@ _ORDER_STREAM = 1
 _PLACE_STREAM = 2
 # The bad-image fraction is judged over at least this many reads (or one epoch, if smaller).
 _MIN_READS_FOR_BAD_FRACTION = 1000
-_MAX_AUTO_WORKERS = 16
-
-
-class TooManyBadImagesError(RuntimeError):
-  """More training images failed to decode than data.max_bad_image_fraction allows."""
 
 
 def _seed64(seed: int) -> int:
   # SeedSequence wants non-negative integers; keep every int seed usable.
   return int(seed) % 2**64
-
-
-def resolve_num_workers(num_workers: int) -> int:
-  """-1 -> one worker per available CPU core, at most 16; otherwise the value itself (>= 0)."""
-  num_workers = int(num_workers)
-  if num_workers == -1:
-    try:
-      cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-      cores = os.cpu_count() or 1
-    return min(cores, _MAX_AUTO_WORKERS)
-  if num_workers < 0:
-    raise ValueError(f'data.num_workers must be -1 (automatic) or >= 0, got {num_workers}.')
-  return num_workers
 
 
 def places_per_process(config, process_count: int = 1) -> int:
@@ -454,7 +436,7 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
   prefetch = int(data.prefetch_buffer_size)
   if prefetch <= 0:
     raise ValueError(f'data.prefetch_buffer_size must be positive, got {prefetch}.')
-  workers = resolve_num_workers(data.num_workers if num_workers is None else num_workers)
+  workers = worker_counts.resolve_num_workers(data.num_workers if num_workers is None else num_workers)
   if prepared is not None and len(prepared) != index.num_images:
     raise ValueError(f'The prepared data in {getattr(prepared, "directory", prepared)!r} holds '
                      f'{len(prepared)} images but the place index has {index.num_images}; pass '

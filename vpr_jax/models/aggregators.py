@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vpr_jax.errors import ConfigError
+
 AGGREGATORS = ('avg', 'gem', 'convap', 'mixvpr')
 
 
@@ -194,29 +196,27 @@ class MixVPR(nn.Module):
     return l2_normalize(x.reshape(b, -1))
 
 
-def _aggregator_name(model_config) -> str:
+def aggregator_name(model_config) -> str:
+  """The configured aggregator's name in lower case; ConfigError for an unknown one."""
   name = str(model_config.aggregator).lower()
   if name not in AGGREGATORS:
-    raise ValueError(f'Unknown aggregator {model_config.aggregator!r}; valid choices: '
+    raise ConfigError(f'Unknown aggregator {model_config.aggregator!r}; valid choices: '
                      f'{", ".join(AGGREGATORS)}.')
   return name
 
 
-def make_aggregator(model_config, in_channels: int, in_hw: Sequence[int],
-                    dtype: Any = jnp.float32) -> nn.Module:
+def make_aggregator(model_config, in_hw: Sequence[int], dtype: Any = jnp.float32) -> nn.Module:
   """Builds the aggregator named by `model_config.aggregator`.
 
   Args:
     model_config: the `config.model` ConfigDict.
-    in_channels: channels of the backbone output (used only for checks and dims).
-    in_hw: (H, W) of the backbone output.
+    in_hw: (H, W) of the backbone output (channels are inferred from the input by flax).
     dtype: compute dtype.
 
   Returns:
     A flax module mapping [B, H, W, C] features to float32 unit-norm [B, D] descriptors.
   """
-  del in_channels  # Inferred from the input by flax; kept for a uniform signature.
-  name = _aggregator_name(model_config)
+  name = aggregator_name(model_config)
   if name == 'avg':
     return AVG()
   if name == 'gem':
@@ -246,7 +246,7 @@ def descriptor_dim(model_config, in_channels: int, in_hw: Sequence[int]) -> int:
     D (e.g. 1024 for the seed's MixVPR: 256 channels x 4 rows).
   """
   del in_hw
-  name = _aggregator_name(model_config)
+  name = aggregator_name(model_config)
   if name in ('avg', 'gem'):
     return int(in_channels)
   if name == 'convap':

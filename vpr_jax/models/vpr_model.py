@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vpr_jax.errors import ConfigError
 from vpr_jax.models import aggregators
 from vpr_jax.models import resnet
 
@@ -34,7 +35,7 @@ def resolve_dtype(name: Any) -> Any:
   if name == 'auto':
     return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
   if name not in _DTYPES:
-    raise ValueError(f'Unknown model.dtype {name!r}; valid choices: auto, {", ".join(_DTYPES)}.')
+    raise ConfigError(f'Unknown model.dtype {name!r}; valid choices: auto, {", ".join(_DTYPES)}.')
   return _DTYPES[name]
 
 
@@ -42,7 +43,7 @@ def backbone_depth(model_config) -> int:
   """ResNet depth of `model_config.backbone` ('resnet18' -> 18); ValueError if unknown."""
   name = str(model_config.backbone).lower()
   if name not in BACKBONES:
-    raise ValueError(f'Unknown backbone {model_config.backbone!r}; valid choices: '
+    raise ConfigError(f'Unknown model.backbone {model_config.backbone!r}; valid choices: '
                      f'{", ".join(BACKBONES)}.')
   return BACKBONES[name]
 
@@ -81,7 +82,7 @@ class VPRModel(nn.Module):
         depth=backbone_depth(mc), layers_to_crop=tuple(mc.layers_to_crop),
         layers_to_freeze=int(mc.layers_to_freeze), freeze_bn_stats=bool(mc.freeze_bn_stats),
         dtype=self.dtype, bn_axis_name=self.bn_axis_name)
-    self.aggregator = aggregators.make_aggregator(mc, c, (h, w), self.dtype)
+    self.aggregator = aggregators.make_aggregator(mc, (h, w), self.dtype)
 
   @property
   def descriptor_dim(self) -> int:
@@ -108,6 +109,14 @@ class VPRModel(nn.Module):
     return {'features': features, 'descriptors': self.aggregator(features)}
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks config.model and config.image_size (ConfigError naming the field otherwise)."""
+  size = tuple(config.image_size)
+  if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+    raise ConfigError(f'image_size must be two positive integers (height, width), got {size!r}.')
+  build_model(config)
+
+
 def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None) -> VPRModel:
   """Builds the VPRModel of a full config (uses config.model and config.image_size).
 
@@ -120,7 +129,7 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
   """
   mc = config.model
   backbone_depth(mc)
-  aggregators._aggregator_name(mc)  # pylint: disable=protected-access
+  aggregators.aggregator_name(mc)
   resolve_dtype(mc.dtype)
   frozen = ml_collections.FrozenConfigDict(mc)  # Hashable, as flax module attributes should be.
   return VPRModel(model_config=frozen, image_size=tuple(int(s) for s in config.image_size),
@@ -158,7 +167,7 @@ def frozen_param_mask(params: Any, layers_to_freeze: int) -> Any:
     A pytree with the structure of `params` (usable as an optax mask after negation).
   """
   if not -1 <= int(layers_to_freeze) <= 3:
-    raise ValueError(f'layers_to_freeze must be in -1..3, got {layers_to_freeze!r}.')
+    raise ConfigError(f'model.layers_to_freeze must be in -1..3, got {layers_to_freeze!r}.')
   frozen_names = set()
   for stage in range(int(layers_to_freeze) + 1):
     frozen_names.update(resnet.FREEZABLE_STAGES[stage])

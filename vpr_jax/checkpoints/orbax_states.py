@@ -1,15 +1,9 @@
-"""Checkpoints: training state (best-N by R@1 + latest), inference checkpoints, run folders.
+"""orbax checkpoints: training states (best-N by R@1 + latest), inference checkpoints.
 
-Layout of a checkpoint directory `DIR` (a training workdir keeps it in `<workdir>/checkpoints`):
-
-  DIR/config.json            the full ConfigDict as JSON
-  DIR/best/<step>/...        orbax CheckpointManager, keep_best steps ranked by validation R@1
-  DIR/latest/<step>/...      orbax CheckpointManager, the most recent step only
-
-Each step folder holds the items 'variables' ({'params', 'batch_stats'}) and, for training runs,
-'train' (optimiser state, step, RNG, counters), 'data_iterator' (the grain iterator state, JSON)
-and 'info' (JSON: epoch, validation recalls). A converted checkpoint holds only
-`latest/0/variables`.
+Each step folder (see `runs` for the folder layout) holds the items 'variables' ({'params',
+'batch_stats'}) and, for training runs, 'train' (optimiser state, step, RNG, counters),
+'data_iterator' (the grain iterator state, JSON) and 'info' (JSON: epoch, validation recalls). A
+converted checkpoint holds only `latest/0/variables`.
 
 orbax writes each step into a temporary folder and renames it when complete, and saves here are
 synchronous, so a save that fails leaves the previous checkpoints untouched: older steps are
@@ -34,199 +28,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-CONFIG_FILENAME = 'config.json'
-CHECKPOINTS_SUBDIR = 'checkpoints'
-BEST_SUBDIR = 'best'
-LATEST_SUBDIR = 'latest'
-
-# Config fields that may differ between a checkpoint and the run that resumes it: they change how
-# the run is driven (length, logging, paths, worker counts), not what is being trained.
-RESUMABLE_CONFIG_FIELDS = (
-    'max_steps', 'num_epochs', 'parallel', 'eval_every_epochs', 'eval_before_training',
-    'keep_best', 'checkpoint_every_steps', 'log_every_steps', 'on_nonfinite',
-    'model.backbone_weights', 'model.dtype',
-    'data.root', 'data.train_dir', 'data.cache_dir', 'data.rebuild_index', 'data.num_workers',
-    'data.prefetch_buffer_size', 'data.max_bad_image_fraction', 'data.val_datasets',
-    'data.positive_radius_m', 'data.eval_batch_size',
-)
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint does not match the configuration or the state it is restored into."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Configs as JSON.
-
-
-def config_to_json(config: ml_collections.ConfigDict) -> str:
-  """Serialises a ConfigDict to indented JSON with sorted keys.
-
-  Args:
-    config: the configuration.
-
-  Returns:
-    The JSON text (tuples become lists; `config_from_json` turns them back into tuples).
-  """
-  return config.to_json(indent=2, sort_keys=True)
-
-
-def _lists_to_tuples(value):
-  if isinstance(value, dict):
-    return {k: _lists_to_tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_lists_to_tuples(v) for v in value)
-  return value
-
-
-def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """Parses the JSON written by `config_to_json`.
-
-  Args:
-    text: JSON text of a configuration.
-
-  Returns:
-    The ConfigDict; JSON lists become tuples, as in configs/default.py.
-  """
-  return ml_collections.ConfigDict(_lists_to_tuples(json.loads(text)))
-
-
-def _flatten_config(config) -> dict:
-  if isinstance(config, ml_collections.ConfigDict):
-    config = json.loads(config_to_json(config))
-  flat = {}
-
-  def visit(prefix, value):
-    if isinstance(value, dict):
-      for k, v in value.items():
-        visit(f'{prefix}.{k}' if prefix else k, v)
-    else:
-      flat[prefix] = _lists_to_tuples(value)
-
-  visit('', config)
-  return flat
-
-
-def config_differences(saved, current, ignore: Sequence[str] = ()) -> list[str]:
-  """Lists the fields that differ between two configurations.
-
-  Args:
-    saved: the configuration of a checkpoint (ConfigDict or dict).
-    current: the configuration of this run.
-    ignore: dotted field names not compared.
-
-  Returns:
-    Lines like "optim.learning_rate: checkpoint 0.0005, this run 0.001", sorted by field.
-  """
-  a, b = _flatten_config(saved), _flatten_config(current)
-  lines = []
-  for key in sorted(set(a) | set(b)):
-    if key in ignore or any(key.startswith(prefix + '.') for prefix in ignore):
-      continue
-    if key not in a:
-      lines.append(f'{key}: absent from the checkpoint, this run {b[key]!r}')
-    elif key not in b:
-      lines.append(f'{key}: checkpoint {a[key]!r}, absent from this run')
-    elif a[key] != b[key]:
-      lines.append(f'{key}: checkpoint {a[key]!r}, this run {b[key]!r}')
-  return lines
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def read_config(directory: str) -> ml_collections.ConfigDict:
-  """Reads `directory/config.json`, with a clear error when it is missing or unreadable."""
-  path = os.path.join(directory, CONFIG_FILENAME)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} not found: a checkpoint directory holds {CONFIG_FILENAME}.')
-  try:
-    with open(path) as f:
-      return config_from_json(f.read())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); the checkpoint may be truncated.') from e
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folders.
-
-
-def default_runs_dir() -> str:
-  """The folder that holds training runs: $VPR_RUNS_DIR if set, else ./runs."""
-  return os.path.abspath(os.environ.get('VPR_RUNS_DIR') or 'runs')
-
-
-def _has_checkpoint(checkpoint_dir: str) -> bool:
-  if not os.path.isfile(os.path.join(checkpoint_dir, CONFIG_FILENAME)):
-    return False
-  return bool(_finalized_steps(os.path.join(checkpoint_dir, LATEST_SUBDIR)) or
-              _finalized_steps(os.path.join(checkpoint_dir, BEST_SUBDIR)))
-
-
-def _finalized_steps(manager_dir: str) -> list[int]:
-  """Step folders that orbax committed (temporary folders have non-numeric names)."""
-  if not os.path.isdir(manager_dir):
-    return []
-  return sorted(int(name) for name in os.listdir(manager_dir)
-                if name.isdigit() and os.path.isdir(os.path.join(manager_dir, name)))
-
-
-def find_latest_run(runs_dir: str) -> Optional[str]:
-  """The most recently modified run folder under `runs_dir` that holds a checkpoint.
-
-  Args:
-    runs_dir: a folder of training workdirs (see `default_runs_dir`).
-
-  Returns:
-    The workdir path, or None when no run there has a checkpoint.
-  """
-  if not os.path.isdir(runs_dir):
-    return None
-  best_time, best_run = -1.0, None
-  for name in os.listdir(runs_dir):
-    run = os.path.join(runs_dir, name)
-    checkpoint_dir = os.path.join(run, CHECKPOINTS_SUBDIR)
-    if not _has_checkpoint(checkpoint_dir):
-      continue
-    mtime = max(os.path.getmtime(os.path.join(checkpoint_dir, sub))
-                for sub in (BEST_SUBDIR, LATEST_SUBDIR)
-                if os.path.isdir(os.path.join(checkpoint_dir, sub)))
-    if mtime > best_time:
-      best_time, best_run = mtime, run
-  return best_run
-
-
-def resolve_checkpoint_dir(path: str) -> str:
-  """Finds the checkpoint directory given a workdir, its checkpoints/ folder or a converted one.
-
-  Args:
-    path: a training workdir, `<workdir>/checkpoints`, or a converted checkpoint directory.
-
-  Returns:
-    The directory that holds config.json and the best/ and latest/ managers.
-  """
-  path = os.path.abspath(os.fspath(path))
-  for candidate in (os.path.join(path, CHECKPOINTS_SUBDIR), path):
-    if os.path.isfile(os.path.join(candidate, CONFIG_FILENAME)) and (
-        os.path.isdir(os.path.join(candidate, LATEST_SUBDIR)) or
-        os.path.isdir(os.path.join(candidate, BEST_SUBDIR))):
-      return candidate
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'Checkpoint path {path} does not exist.')
-  raise FileNotFoundError(
-      f'No checkpoint in {path}: expected a training workdir (with {CHECKPOINTS_SUBDIR}/), its '
-      f'{CHECKPOINTS_SUBDIR}/ folder, or a converted checkpoint ({CONFIG_FILENAME} and '
-      f'{LATEST_SUBDIR}/ or {BEST_SUBDIR}/).')
-
-
-# ----------------------------------------------------------------------------------------------
-# orbax managers.
+from vpr_jax.checkpoints import run_config
+from vpr_jax.checkpoints import runs
+from vpr_jax.errors import CheckpointMismatchError
+from vpr_jax.errors import CheckpointNotFoundError
+from vpr_jax.errors import CheckpointWriteError
 
 _ITEM_HANDLERS = {
     'variables': ocp.StandardCheckpointHandler,
@@ -407,10 +213,6 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, where: str,
   return {name: restored[name] for name in args}
 
 
-# ----------------------------------------------------------------------------------------------
-# Inference checkpoints.
-
-
 def _to_numpy(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
@@ -450,8 +252,8 @@ def save_inference_checkpoint(directory: str, config: ml_collections.ConfigDict,
   old = os.path.join(parent, f'.{os.path.basename(directory)}.old-{tag}')
   try:
     os.makedirs(tmp)
-    _write_text_atomic(os.path.join(tmp, CONFIG_FILENAME), config_to_json(config))
-    manager = _make_manager(os.path.join(tmp, LATEST_SUBDIR), max_to_keep=1, best=False)
+    run_config.write_config(tmp, config)
+    manager = _make_manager(os.path.join(tmp, runs.LATEST_SUBDIR), max_to_keep=1, best=False)
     variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
     manager.save(0, args=ocp.args.Composite(variables=ocp.args.StandardSave(_to_numpy(variables))))
     manager.wait_until_finished()
@@ -473,9 +275,9 @@ def save_inference_checkpoint(directory: str, config: ml_collections.ConfigDict,
 
 def _pick_step(checkpoint_dir: str, step: Optional[int]):
   """(manager folder, step) for `step`, or the best step by R@1, else the latest."""
-  best_dir = os.path.join(checkpoint_dir, BEST_SUBDIR)
-  latest_dir = os.path.join(checkpoint_dir, LATEST_SUBDIR)
-  best_steps, latest_steps = _finalized_steps(best_dir), _finalized_steps(latest_dir)
+  best_dir = os.path.join(checkpoint_dir, runs.BEST_SUBDIR)
+  latest_dir = os.path.join(checkpoint_dir, runs.LATEST_SUBDIR)
+  best_steps, latest_steps = runs.finalized_steps(best_dir), runs.finalized_steps(latest_dir)
   if step is not None:
     if step in best_steps:
       return best_dir, step
@@ -491,7 +293,7 @@ def _pick_step(checkpoint_dir: str, step: Optional[int]):
       return best_dir, best
   if latest_steps:
     return latest_dir, latest_steps[-1]
-  raise FileNotFoundError(f'{checkpoint_dir} holds no completed checkpoint step.')
+  raise CheckpointNotFoundError(f'{checkpoint_dir} holds no completed checkpoint step.')
 
 
 @_quietly
@@ -506,8 +308,8 @@ def load_for_eval(path: str, step: Optional[int] = None):
     (config, variables, step): the run's ConfigDict, {'params', 'batch_stats'} as numpy arrays,
     and the step restored.
   """
-  checkpoint_dir = resolve_checkpoint_dir(path)
-  config = read_config(checkpoint_dir)
+  checkpoint_dir = runs.resolve_checkpoint_dir(path)
+  config = run_config.read_config(checkpoint_dir)
   manager_dir, step = _pick_step(checkpoint_dir, step)
   manager = _make_manager(manager_dir, max_to_keep=None, best=False, read_only=True)
   where = os.path.join(manager_dir, str(step))
@@ -524,10 +326,6 @@ def load_for_eval(path: str, step: Optional[int] = None):
   variables = restored['variables']
   variables.setdefault('batch_stats', {})
   return config, variables, step
-
-
-# ----------------------------------------------------------------------------------------------
-# Training checkpoints.
 
 
 def encode_iterator_state(state) -> Optional[dict]:
@@ -557,42 +355,6 @@ def decode_iterator_state(encoded: Optional[Mapping]):
   if encoding == 'json':
     return encoded['state']
   raise ValueError(f'Unknown data iterator state encoding {encoding!r}.')
-
-
-def check_resumable(directory: str, config: ml_collections.ConfigDict) -> list[str]:
-  """Checks, without writing anything, that a run of `config` may resume from `directory`.
-
-  Args:
-    directory: a checkpoint directory (it need not exist).
-    config: the configuration of this run.
-
-  Returns:
-    The run settings (`RESUMABLE_CONFIG_FIELDS`) that differ from the checkpoint's, as lines.
-
-  Raises:
-    CheckpointMismatchError: the checkpoint was written with another configuration (the
-      differing fields are listed), or it holds steps but no config.json.
-  """
-  directory = os.path.abspath(os.fspath(directory))
-  if os.path.exists(os.path.join(directory, CONFIG_FILENAME)):
-    saved = read_config(directory)
-    differences = config_differences(saved, config, ignore=RESUMABLE_CONFIG_FIELDS)
-    if differences:
-      raise CheckpointMismatchError(
-          f'The checkpoint in {directory} was written with a different configuration; '
-          'use another workdir or the same configuration. Differences:\n  ' +
-          '\n  '.join(differences))
-    return config_differences(saved, config)
-  if _finalized_steps(os.path.join(directory, LATEST_SUBDIR)) or _finalized_steps(
-      os.path.join(directory, BEST_SUBDIR)):
-    raise CheckpointMismatchError(
-        f'{directory} holds checkpoint steps but no {CONFIG_FILENAME}; refusing to resume '
-        'from or write over a checkpoint whose configuration is unknown.')
-  return []
-
-
-class CheckpointWriteError(OSError):
-  """A checkpoint could not be written (e.g. the disk is full); older checkpoints are intact."""
 
 
 def _is_disk_full(error: BaseException) -> bool:
@@ -632,18 +394,17 @@ class TrainCheckpointer:
     keep_best = config.keep_best if keep_best is None else keep_best
     if keep_best < 1:
       raise ValueError(f'keep_best must be >= 1, got {keep_best}.')
-    config_path = os.path.join(self.directory, CONFIG_FILENAME)
-    changed = check_resumable(self.directory, config)
+    changed = run_config.check_resumable(self.directory, config)
     if changed:
       logging.warning('Resuming with changed run settings:\n  %s', '\n  '.join(changed))
     if jax.process_index() == 0:
       os.makedirs(self.directory, exist_ok=True)
-      _write_text_atomic(config_path, config_to_json(config))
-      for sub in (BEST_SUBDIR, LATEST_SUBDIR):
+      run_config.write_config(self.directory, config)
+      for sub in (runs.BEST_SUBDIR, runs.LATEST_SUBDIR):
         _remove_unfinished_saves(os.path.join(self.directory, sub))
-    self.best = _make_manager(os.path.join(self.directory, BEST_SUBDIR), max_to_keep=keep_best,
+    self.best = _make_manager(os.path.join(self.directory, runs.BEST_SUBDIR), max_to_keep=keep_best,
                               best=True)
-    self.latest = _make_manager(os.path.join(self.directory, LATEST_SUBDIR), max_to_keep=1,
+    self.latest = _make_manager(os.path.join(self.directory, runs.LATEST_SUBDIR), max_to_keep=1,
                                 best=False)
 
   def latest_step(self) -> Optional[int]:
@@ -703,10 +464,10 @@ class TrainCheckpointer:
         raise
       if jax.process_index() == 0:
         # The half-written step is useless; removing it gives back the space it took.
-        for sub in (BEST_SUBDIR, LATEST_SUBDIR):
+        for sub in (runs.BEST_SUBDIR, runs.LATEST_SUBDIR):
           _remove_unfinished_saves(os.path.join(self.directory, sub))
-      latest = _finalized_steps(os.path.join(self.directory, LATEST_SUBDIR))
-      best = _finalized_steps(os.path.join(self.directory, BEST_SUBDIR))
+      latest = runs.finalized_steps(os.path.join(self.directory, runs.LATEST_SUBDIR))
+      best = runs.finalized_steps(os.path.join(self.directory, runs.BEST_SUBDIR))
       disk_full = _is_disk_full(e)
       error = CheckpointWriteError(
           f'Could not save checkpoint step {step} in {self.directory}'
@@ -736,9 +497,9 @@ class TrainCheckpointer:
       if step is None:
         raise FileNotFoundError(f'No checkpoint in {self.directory}.')
     if step in self.latest.all_steps():
-      manager, sub = self.latest, LATEST_SUBDIR
+      manager, sub = self.latest, runs.LATEST_SUBDIR
     elif step in self.best.all_steps():
-      manager, sub = self.best, BEST_SUBDIR
+      manager, sub = self.best, runs.BEST_SUBDIR
     else:
       raise ValueError(f'No step {step} in {self.directory}.')
     where = os.path.join(self.directory, sub, str(step))

@@ -1,0 +1,129 @@
+"""What every entry point shares: config names, dashed flags, and user errors as one line.
+
+A missing dataset, a malformed CSV, a checkpoint of another model or a full disk are not bugs:
+the command prints `ErrorType: message` (the message names the file and what was expected) and
+exits with status 1. Any other exception keeps its traceback.
+"""
+
+import difflib
+import importlib.resources
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from absl import app
+from absl import flags
+
+from vpr_jax import errors
+
+CONFIG_FLAG = 'config'
+
+
+def packaged_config_names() -> list[str]:
+  """Names of the configs shipped with the package (`configs/*.py` minus helpers)."""
+  folder = importlib.resources.files('vpr_jax.configs')
+  return sorted(entry.name[:-3] for entry in folder.iterdir()
+                if entry.name.endswith('.py') and not entry.name.startswith('_'))
+
+
+def resolve_config_path(value: str) -> str:
+  """A `--config` value -> a config file path.
+
+  Args:
+    value: a path to a `.py` file (as before), or the name of a packaged config (`mixvpr`,
+      `demo`, ...), optionally with `.py`.
+
+  Returns:
+    The path of the file.
+
+  Raises:
+    ConfigError: neither an existing file nor a packaged config name (the names are listed).
+  """
+  if os.path.isfile(os.path.expanduser(value)):
+    return os.path.expanduser(value)
+  name = value[:-3] if value.endswith('.py') else value
+  names = packaged_config_names()
+  if name in names:
+    return str(importlib.resources.files('vpr_jax.configs') / f'{name}.py')
+  if os.sep in value or value.endswith('.py'):
+    raise errors.ConfigError(f'--config {value!r}: no such file (packaged configs: '
+                             f'{", ".join(names)}).')
+  close = difflib.get_close_matches(name, names, n=3)
+  raise errors.ConfigError(
+      f'--config {value!r} is neither a file nor a packaged config'
+      f'{" (did you mean " + " or ".join(close) + "?)" if close else ""}; packaged configs: '
+      f'{", ".join(names)}.')
+
+
+def rewrite_argv(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Accepts the spellings users type: dashed flag names and packaged config names.
+
+  `--save-descriptors=x` becomes `--save_descriptors=x` for the flags defined in `flag_values`
+  (absl names cannot contain '-'; only the name part of a known flag is changed, also in its
+  `--no` boolean form), and `--config mixvpr` becomes `--config <path of the packaged file>`.
+
+  Args:
+    argv: command line, program name first.
+    flag_values: the registry the names are checked against.
+
+  Returns:
+    The rewritten command line.
+  """
+  known = set(flag_values)
+  rewritten = list(argv[:1])
+  tokens = list(argv[1:])
+  position = 0
+  while position < len(tokens):
+    token = tokens[position]
+    position += 1
+    if token == '--':
+      rewritten.append(token)
+      rewritten.extend(tokens[position:])
+      break
+    if token.startswith('--') and '-' in token[2:].split('=', 1)[0]:
+      name, sep, value = token[2:].partition('=')
+      candidate = name.replace('-', '_')
+      if candidate in known:
+        token = '--' + candidate + sep + value
+      elif not sep:
+        # Boolean negations: --no-only-failures / --noonly-failures -> --noonly_failures.
+        for prefix in ('no_', 'no'):
+          if candidate.startswith(prefix) and candidate[len(prefix):] in known:
+            token = '--no' + candidate[len(prefix):]
+            break
+    if CONFIG_FLAG in known and token in ('--' + CONFIG_FLAG, '-' + CONFIG_FLAG):
+      if position < len(tokens):
+        rewritten.extend([token, resolve_config_path(tokens[position])])
+        position += 1
+        continue
+    elif CONFIG_FLAG in known and token.startswith('--' + CONFIG_FLAG + '='):
+      token = '--' + CONFIG_FLAG + '=' + resolve_config_path(token.split('=', 1)[1])
+    rewritten.append(token)
+  return rewritten
+
+
+def report_user_errors(fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """Calls fn; a `errors.UserError` becomes `SystemExit('<ErrorType>: <message>')` (exit 1).
+
+  Args:
+    fn: the library call of an entry point.
+    *args: its positional arguments.
+    **kwargs: its keyword arguments.
+
+  Returns:
+    What fn returns.
+  """
+  try:
+    return fn(*args, **kwargs)
+  except errors.UserError as e:
+    raise SystemExit(f'{type(e).__name__}: {e}') from None
+
+
+def run(main: Callable[[list[str]], Any], argv: Optional[Sequence[str]] = None) -> None:
+  """Runs `main` under absl after `rewrite_argv`; errors in the command line are one line too."""
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    argv = rewrite_argv(argv)
+  except errors.UserError as e:
+    raise SystemExit(f'{type(e).__name__}: {e}') from None
+  app.run(main, argv=argv)

@@ -1,0 +1,101 @@
+"""The errors a user can cause, and only those.
+
+Every exception here derives from `UserError`. The command-line entry points (`vpr_jax.cli`)
+print such an error as one line, `ErrorType: message`, and exit with status 1; the message names
+the file, field or flag, the value found and what was expected. Any other exception is a bug and
+keeps its traceback.
+"""
+
+from typing import Sequence
+
+
+class UserError(Exception):
+  """Base of the errors caused by the user's input, files or environment (not by a bug)."""
+
+
+class ConfigError(UserError, ValueError):
+  """A configuration field or command-line flag has a value that cannot be used."""
+
+
+class DatasetError(UserError, ValueError):
+  """The training data on disk does not have the expected layout or content."""
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+  """A benchmark (or the data root) is not where it was looked for."""
+
+
+class MalformedDatasetError(UserError, ValueError):
+  """A benchmark folder exists but its content is not usable (empty, bad names, bad lists)."""
+
+
+class PreparedDataError(UserError, ValueError):
+  """A prepared folder is missing, incomplete, or does not match what was asked for."""
+
+
+class ImageDecodeError(UserError):
+  """A file could not be decoded as an image.
+
+  Attributes:
+    path: the file that failed.
+    reason: why, in words (the underlying decoder error included).
+  """
+
+  def __init__(self, path: str, reason: str):
+    self.path = str(path)
+    self.reason = str(reason)
+    super().__init__(f'cannot decode image {self.path!r}: {self.reason}')
+
+
+class TooManyBadImagesError(UserError, RuntimeError):
+  """More training images failed to decode than data.max_bad_image_fraction allows."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """No checkpoint where one was asked for."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+  """A checkpoint does not match the configuration or the state it is restored into."""
+
+
+class StateDictMismatchError(CheckpointMismatchError):
+  """A PyTorch state dict does not match the model: lists every missing/unexpected/mis-shaped key.
+
+  Attributes:
+    missing: expected keys not in the state dict.
+    unexpected: state-dict keys the model has no place for.
+    mismatched: (key, expected torch shape, found shape) triples.
+  """
+
+  def __init__(self, source: str, missing: Sequence[str], unexpected: Sequence[str],
+               mismatched: Sequence[tuple[str, tuple, tuple]]):
+    self.missing = list(missing)
+    self.unexpected = list(unexpected)
+    self.mismatched = list(mismatched)
+    lines = [f'{source} does not match the model '
+             f'({len(self.missing)} missing, {len(self.unexpected)} unexpected, '
+             f'{len(self.mismatched)} mis-shaped keys):']
+    if self.missing:
+      lines.append('  missing keys: ' + ', '.join(self.missing))
+    if self.unexpected:
+      lines.append('  unexpected keys: ' + ', '.join(self.unexpected))
+    for key, expected, found in self.mismatched:
+      lines.append(f'  mis-shaped key {key}: expected {tuple(expected)}, found {tuple(found)}')
+    super().__init__('\n'.join(lines))
+
+
+class TorchCheckpointError(UserError, ValueError):
+  """A PyTorch checkpoint file cannot be read (not a torch file, truncated, unsafe content)."""
+
+
+class CheckpointWriteError(UserError, OSError):
+  """A checkpoint could not be written (e.g. the disk is full); older checkpoints are intact."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """Training produced a non-finite loss or gradient (config.on_nonfinite='stop')."""
+
+
+class OutputPathError(UserError, OSError):
+  """A result file cannot be written where the user asked."""

@@ -1,0 +1,1 @@
+"""Evaluation: descriptors, search + Recall@N, one benchmark set, result files, the eval command."""

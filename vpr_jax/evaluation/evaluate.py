@@ -1,0 +1,129 @@
+"""The library function of `python -m vpr_jax.eval`: a checkpoint on benchmark sets -> files.
+
+checkpoint -> `checkpoints.orbax_states.load_for_eval` (config + variables) -> for each set:
+`data.benchmarks.load_benchmark` -> `benchmark_eval.evaluate_dataset` -> the seed's table ->
+`outputs` (JSON, NPZ, CSV) and `visualize` (query sheets).
+"""
+
+import os
+from typing import Callable, Optional, Sequence
+
+from absl import logging
+import jax
+
+from vpr_jax import visualize as visualize_lib
+from vpr_jax.checkpoints import orbax_states
+from vpr_jax.checkpoints import runs
+from vpr_jax.data import benchmarks
+from vpr_jax.data import workers
+from vpr_jax.errors import CheckpointMismatchError
+from vpr_jax.errors import CheckpointNotFoundError
+from vpr_jax.errors import ConfigError
+from vpr_jax.evaluation import benchmark_eval
+from vpr_jax.evaluation import outputs
+from vpr_jax.evaluation import search
+from vpr_jax.models import vpr_model
+
+def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None,
+             data_root: str = '', *, config=None, batch_size: Optional[int] = None,
+             num_workers: Optional[int] = None, output: Optional[str] = None,
+             save_descriptors_to: Optional[str] = None, save_predictions_to: Optional[str] = None,
+             visualize: int = 0, only_failures: bool = False,
+             visualize_dir: Optional[str] = None, visualize_k: int = 5,
+             print_fn: Callable[[str], None] = print) -> list[benchmark_eval.EvalResult]:
+  """Evaluates a checkpoint on benchmark sets, prints the tables and writes the requested files.
+
+  Args:
+    checkpoint: checkpoint or training workdir (the best checkpoint is used); None or '': the most
+      recent run in the default runs folder.
+    datasets: registered benchmark names or folders; default: the config's validation sets.
+    data_root: datasets root; '' -> the config's data.root, then $VPR_DATA_ROOT.
+    config: a ConfigDict used instead of the checkpoint's (e.g. another image size or radius).
+    batch_size: images per forward batch; default config.data.eval_batch_size.
+    num_workers: decoding worker processes (-1: one per core); default config.data.num_workers.
+    output: JSON summary file.
+    save_descriptors_to: `.npz` descriptors file (one per dataset when several).
+    save_predictions_to: predictions CSV.
+    visualize: number of query sheets (PNG) per dataset; 0 for none.
+    only_failures: visualise only queries whose top-1 prediction is wrong.
+    visualize_dir: folder of the sheets (a subfolder per dataset); default ./visualizations.
+    visualize_k: predictions per sheet.
+    print_fn: where the tables and notes go.
+
+  Returns:
+    One `EvalResult` per dataset, in the order given.
+  """
+  if not checkpoint:
+    runs_dir = runs.default_runs_dir()
+    checkpoint = runs.find_latest_run(runs_dir)
+    if checkpoint is None:
+      raise CheckpointNotFoundError(f'No --checkpoint given and no run with a checkpoint under '
+                              f'{os.path.abspath(runs_dir)} (set $VPR_RUNS_DIR or pass '
+                              '--checkpoint).')
+  checkpoint_config, variables, step = orbax_states.load_for_eval(checkpoint)
+  print_fn(f'Checkpoint: {os.path.abspath(checkpoint)} (step {step})')
+  if config is None:
+    config = checkpoint_config
+  elif config.model.to_dict() != checkpoint_config.model.to_dict():
+    logging.warning('The model fields of the given config differ from those of the checkpoint; '
+                    'the checkpoint variables may not fit.')
+  datasets = list(datasets) if datasets else list(config.data.val_datasets)
+  if not datasets:
+    raise ConfigError('No dataset to evaluate: pass --dataset.')
+  batch_size = int(batch_size or config.data.eval_batch_size)
+  num_workers = workers.resolve_num_workers(
+      config.data.num_workers if num_workers is None else num_workers)
+  image_size = tuple(int(s) for s in config.image_size)
+  radius = float(config.data.positive_radius_m)
+  model = vpr_model.build_model(config)
+  if config is not checkpoint_config:
+    # A config of another architecture would otherwise fail deep inside the forward pass.
+    expected = jax.eval_shape(
+        lambda: vpr_model.init_variables(model, jax.random.PRNGKey(0), image_size))
+    differences = orbax_states.tree_differences(expected, variables)
+    if differences:
+      raise CheckpointMismatchError(
+          f'The variables of {os.path.abspath(checkpoint)} (step {step}) do not fit the model of '
+          'the given config; evaluate without --config, or with the config the checkpoint was '
+          'trained with. Differences:\n  ' + '\n  '.join(differences))
+  root = data_root or config.data.root
+
+  results = []
+  for name in datasets:
+    benchmark = benchmarks.load_benchmark(name, root, radius_m=radius)
+    result = benchmark_eval.evaluate_dataset(model, variables, benchmark, image_size, batch_size, num_workers)
+    print_fn(outputs.format_recall_table(result.dataset, result.recall))
+    notes = []
+    if result.queries_without_positives:
+      within = (f'within {benchmark.radius_m:g} m' if benchmark.radius_m is not None
+                else 'in the ground truth')
+      notes.append(f'{result.queries_without_positives} of {result.num_queries} queries have no '
+                   f'positive {within} (counted as misses).')
+    if result.num_database < max(search.RECALL_NS):
+      notes.append(f'The database has only {result.num_database} images: Recall@N for larger N '
+                   'uses all of them.')
+    for note in notes:
+      print_fn(note)
+    results.append(result)
+
+  extra = {'checkpoint': os.path.abspath(checkpoint), 'step': None if step is None else int(step),
+           'image_size': list(image_size)}
+  if output:
+    outputs.write_json(output, results, extra)
+    print_fn(f'Wrote {output}')
+  if save_descriptors_to:
+    for result in results:
+      path = outputs.per_dataset_path(save_descriptors_to, result.dataset, len(results))
+      outputs.save_descriptors(path, result)
+      print_fn(f'Wrote {path}')
+  if save_predictions_to:
+    outputs.save_predictions(save_predictions_to, results)
+    print_fn(f'Wrote {save_predictions_to}')
+  if visualize:
+    visualize_dir = visualize_dir or 'visualizations'
+    for result in results:
+      folder = visualize_lib.sheet_folder(visualize_dir, result.dataset)
+      written = visualize_lib.visualize_predictions(result, folder, visualize, top_k=visualize_k,
+                                                    only_failures=only_failures)
+      print_fn(f'Wrote {len(written)} query sheets to {folder}')
+  return results
