@@ -9,6 +9,7 @@ from PIL import Image
 import pytest
 
 from vpr_jax.data import augment
+from vpr_jax.data import augment_ops
 
 # The seed's setting: magnitude 9 of 31 bins.
 MAGNITUDE, BINS = 9, 31
@@ -29,7 +30,7 @@ def _gray(values):
 
 
 def _magnitude(op_name, image_size=(37, 53)):
-  magnitudes, _ = augment.augmentation_space(BINS, image_size)[op_name]
+  magnitudes, _ = augment_ops.augmentation_space(BINS, image_size)[op_name]
   return float(magnitudes[MAGNITUDE]) if magnitudes.ndim else 0.0
 
 
@@ -148,15 +149,15 @@ def test_unknown_op():
 def test_augmentation_space_matches_torchvision(image_size, num_bins):
   transforms = pytest.importorskip('torchvision.transforms', reason='torchvision is the reference')
   reference = transforms.RandAugment()._augmentation_space(num_bins, image_size)
-  ours = augment.augmentation_space(num_bins, image_size)
-  assert list(reference) == list(ours) == list(augment.OPS)
+  ours = augment_ops.augmentation_space(num_bins, image_size)
+  assert list(reference) == list(ours) == list(augment_ops.OPS)
   for name, (magnitudes, signed) in reference.items():
     assert ours[name][1] == signed, name
     np.testing.assert_array_equal(ours[name][0], magnitudes.numpy().astype(np.float32),
                                   err_msg=name)
 
 
-@pytest.mark.parametrize('op_name', augment.OPS)
+@pytest.mark.parametrize('op_name', augment_ops.OPS)
 @pytest.mark.parametrize('sign', [1, -1])
 def test_each_op_matches_torchvision(op_name, sign):
   pytest.importorskip('torchvision', reason='torchvision is the reference')
@@ -164,7 +165,7 @@ def test_each_op_matches_torchvision(op_name, sign):
   from torchvision.transforms import InterpolationMode  # pylint: disable=g-import-not-at-top
   img = _random_image()
   for magnitude_bin in (MAGNITUDE, BINS - 1, 3):
-    magnitudes, signed = augment.augmentation_space(BINS, (img.height, img.width))[op_name]
+    magnitudes, signed = augment_ops.augmentation_space(BINS, (img.height, img.width))[op_name]
     magnitude = float(magnitudes[magnitude_bin]) if magnitudes.ndim else 0.0
     if signed:
       magnitude *= sign
@@ -211,10 +212,10 @@ def test_ops_uniform_and_signs_balanced():
   for _ in range(1400):
     for name, magnitude in randaugment.sample_ops(rng, (224, 224)):
       counts[name] += 1
-      if name in augment.SIGNED_OPS:
+      if name in augment_ops.SIGNED_OPS:
         signed += 1
         negative += magnitude < 0
-  assert set(counts) == set(augment.OPS)
+  assert set(counts) == set(augment_ops.OPS)
   # 4200 draws over 14 ops: 300 each, standard deviation ~17.
   assert all(220 < c < 380 for c in counts.values()), counts
   assert abs(negative / signed - 0.5) < 0.05

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vpr_jax.data import augment_ops
 from vpr_jax.data import device_augment
 
 torch = pytest.importorskip('torch', reason='torch is the reference for RandAugment ops')
@@ -97,20 +98,20 @@ def _jitted_apply(height, width, magnitude, bins):
 @pytest.mark.parametrize('magnitude,bins', [(9, 31), (0, 31), (30, 31), (5, 11)])
 @pytest.mark.parametrize('height,width', [(224, 224), (29, 37)])
 def test_magnitudes_match_torchvision(magnitude, bins, height, width):
-  for op_name in device_augment.OP_NAMES:
+  for op_name in augment_ops.OPS:
     expected, signed = _torchvision_magnitude(op_name, magnitude, bins, height, width)
-    assert device_augment.op_magnitude(op_name, magnitude, bins, height, width) == expected, op_name
-    assert (op_name in device_augment.SIGNED_OPS) == signed, op_name
+    assert augment_ops.op_magnitude(op_name, magnitude, bins, height, width) == expected, op_name
+    assert (op_name in augment_ops.SIGNED_OPS) == signed, op_name
 
 
 @pytest.mark.parametrize('height,width', _SIZES)
-@pytest.mark.parametrize('op_name', device_augment.OP_NAMES)
+@pytest.mark.parametrize('op_name', augment_ops.OPS)
 def test_op_matches_torchvision(op_name, height, width):
   images = _test_images(height, width)
   n = images.shape[0]
   apply = _jitted_apply(height, width, 9, 31)
   value, signed = _torchvision_magnitude(op_name, 9, 31, height, width)
-  op = device_augment.OP_NAMES.index(op_name)
+  op = augment_ops.OPS.index(op_name)
   for negative in ((False, True) if signed else (False,)):
     magnitude = -value if negative else value
     expected = np.stack([_reference_op(im, op_name, magnitude) for im in images])
@@ -140,7 +141,7 @@ def test_extreme_magnitude_matches_torchvision():
     magnitude = -value if signed else value
     expected = np.stack([_reference_op(im, op_name, magnitude) for im in images])
     got = np.asarray(apply(jnp.asarray(images),
-                           jnp.full((n,), device_augment.OP_NAMES.index(op_name), jnp.int32),
+                           jnp.full((n,), augment_ops.OPS.index(op_name), jnp.int32),
                            jnp.full((n,), signed)))
     np.testing.assert_array_equal(got, expected, err_msg=op_name)
 
@@ -162,7 +163,7 @@ def test_rand_augment_jit_matches_sequential_torchvision_ops():
   for i in range(n):
     expected = images[i]
     for step in range(3):
-      name = device_augment.OP_NAMES[ops[i, step]]
+      name = augment_ops.OPS[ops[i, step]]
       value, signed = _torchvision_magnitude(name, 9, 31, height, width)
       expected = _reference_op(expected, name, -value if signed and negative[i, step] else value)
     diff = np.abs(got[i].astype(np.int32) - expected.astype(np.int32))
@@ -172,9 +173,9 @@ def test_rand_augment_jit_matches_sequential_torchvision_ops():
 def test_sample_ops_is_uniform_with_fair_signs():
   ops, negative = device_augment.sample_ops(jax.random.key(0), 7000, 2)
   ops, negative = np.asarray(ops), np.asarray(negative)
-  assert ops.min() == 0 and ops.max() == device_augment.NUM_OPS - 1
-  counts = np.bincount(ops.reshape(-1), minlength=device_augment.NUM_OPS)
-  expected = ops.size / device_augment.NUM_OPS
+  assert ops.min() == 0 and ops.max() == augment_ops.NUM_OPS - 1
+  counts = np.bincount(ops.reshape(-1), minlength=augment_ops.NUM_OPS)
+  expected = ops.size / augment_ops.NUM_OPS
   # 5 standard deviations of a binomial count.
   assert np.all(np.abs(counts - expected) < 5 * math.sqrt(expected)), counts
   assert abs(negative.mean() - 0.5) < 5 * math.sqrt(0.25 / negative.size)
@@ -199,4 +200,4 @@ def test_bad_input_raises():
   with pytest.raises(ValueError, match='magnitude'):
     device_augment.make_op_tables(8, 8, magnitude=31, num_magnitude_bins=31)
   with pytest.raises(ValueError, match='unknown RandAugment op'):
-    device_augment.op_magnitude('Invert', 9, 31, 8, 8)
+    augment_ops.op_magnitude('Invert', 9, 31, 8, 8)

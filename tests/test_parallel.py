@@ -68,7 +68,7 @@ def setup():
   reference_loss = _CountingLoss(config)
   step = jax.jit(functools.partial(train_step_lib.train_step, model=model, loss_fn=reference_loss,
                                    schedule=schedule))
-  new_state, metrics = step(state, _batch(0), rng)
+  new_state, metrics = step(state, parallel.flatten_places(_batch(0)), rng)
   return dict(config=config, state=state, schedule=schedule, rng=rng,
               expected=jax.device_get((new_state, metrics)), compiled={})
 

@@ -8,11 +8,12 @@ query has a blue border; the sheet's title is the query file name.
 from __future__ import annotations
 
 import os
-import re
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from vpr_jax import fileio
 
 # Border colours (RGB).
 QUERY_COLOR = (40, 90, 220)
@@ -114,13 +115,18 @@ def select_queries(correct: np.ndarray, num: int, only_failures: bool = False) -
   return candidates[:max(int(num), 0)]
 
 
+def sheet_folder(base: str, dataset: str) -> str:
+  """The folder of a dataset's sheets: `base/<dataset name as one file-name component>`."""
+  return os.path.join(base, fileio.safe_file_name(dataset))
+
+
 def visualize_predictions(result, out_dir: str, num_queries: int, top_k: int = 5,
                           only_failures: bool = False,
                           tile_size: tuple[int, int] = DEFAULT_TILE_SIZE) -> list[str]:
   """Writes one PNG per query with its top-k predictions.
 
   Args:
-    result: an `evaluation.EvalResult` (with its benchmark).
+    result: an `evaluation.benchmark_eval.EvalResult` (with its benchmark).
     out_dir: output folder (created).
     num_queries: number of sheets.
     top_k: predictions per sheet (at most those searched).
@@ -144,7 +150,7 @@ def visualize_predictions(result, out_dir: str, num_queries: int, top_k: int = 5
         os.path.join(benchmark.root, benchmark.queries_paths[q]),
         [os.path.join(benchmark.root, benchmark.database_paths[d]) for d in predictions],
         metres, result.correct[q, :k], f'{result.dataset}  query {q}: {query_name}', tile_size)
-    stem = re.sub(r'[^A-Za-z0-9_.-]+', '_', os.path.splitext(query_name)[0]).strip('_')[:80]
+    stem = fileio.safe_file_name(os.path.splitext(query_name)[0])[:80]
     path = os.path.join(out_dir, f'{q:06d}_{stem}.png')
     sheet.save(path)
     written.append(path)

@@ -21,95 +21,16 @@ from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
 
+from vpr_jax.data import augment_ops
 from vpr_jax.data import images
 from vpr_jax.errors import ConfigError
 
-# torchvision's order (RandAugment._augmentation_space): the op index drawn selects from it.
-OPS = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness', 'Color',
-       'Contrast', 'Sharpness', 'Posterize', 'Solarize', 'AutoContrast', 'Equalize')
-SIGNED_OPS = frozenset({'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness',
-                        'Color', 'Contrast', 'Sharpness'})
 AUGMENT_MODES = ('randaugment', 'device', 'none')
 
 
 def resize_image(img: Image.Image, size: Sequence[int]) -> Image.Image:
   """torchvision `Resize((H, W))` on a PIL image (bilinear, antialiased); size is (H, W)."""
   return images.resize(img, size)
-
-
-def _linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
-  """`torch.linspace(start, end, steps)` in float32, value for value.
-
-  torch computes the step in float32 and fills the first half forwards from `start`, the second
-  half backwards from `end`, each value as one fused multiply-add (a single rounding, emulated
-  here in float64, where the product is exact). numpy's linspace would move some magnitudes by
-  one float32 ulp.
-  """
-  start32, end32 = np.float32(start), np.float32(end)
-  if steps == 1:
-    return np.array([start32], dtype=np.float32)
-  step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
-  i = np.arange(steps, dtype=np.float64)
-  forward = np.float64(start32) + step * i
-  backward = np.float64(end32) - step * (steps - 1 - i)
-  return np.where(i < steps // 2, forward, backward).astype(np.float32)
-
-
-def augmentation_space(num_bins: int, image_size: Sequence[int]) -> dict[str, tuple[np.ndarray,
-                                                                                   bool]]:
-  """Magnitude table of each op, as torchvision's `RandAugment._augmentation_space`.
-
-  Args:
-    num_bins: number of magnitude bins (31 in torchvision's RandAugment).
-    image_size: (height, width) of the image being augmented.
-
-  Returns:
-    {op name: (float32 magnitudes [num_bins] or a 0-d zero for magnitude-free ops, signed)}.
-  """
-  height, width = int(image_size[0]), int(image_size[1])
-  zero = np.zeros((), dtype=np.float32)
-  posterize_bits = 8 - np.round(np.arange(num_bins, dtype=np.float32) /
-                                np.float32((num_bins - 1) / 4)).astype(np.int32)
-  return {
-      'Identity': (zero, False),
-      'ShearX': (_linspace_float32(0.0, 0.3, num_bins), True),
-      'ShearY': (_linspace_float32(0.0, 0.3, num_bins), True),
-      'TranslateX': (_linspace_float32(0.0, 150.0 / 331.0 * width, num_bins), True),
-      'TranslateY': (_linspace_float32(0.0, 150.0 / 331.0 * height, num_bins), True),
-      'Rotate': (_linspace_float32(0.0, 30.0, num_bins), True),
-      'Brightness': (_linspace_float32(0.0, 0.9, num_bins), True),
-      'Color': (_linspace_float32(0.0, 0.9, num_bins), True),
-      'Contrast': (_linspace_float32(0.0, 0.9, num_bins), True),
-      'Sharpness': (_linspace_float32(0.0, 0.9, num_bins), True),
-      'Posterize': (posterize_bits.astype(np.float32), False),
-      'Solarize': (_linspace_float32(255.0, 0.0, num_bins), False),
-      'AutoContrast': (zero, False),
-      'Equalize': (zero, False),
-  }
-
-
-def _inverse_affine_matrix(center: Sequence[float], angle: float, translate: Sequence[float],
-                           shear: Sequence[float]) -> list[float]:
-  """Output->input pixel map of rotation + shear about `center`, then translation (scale 1).
-
-  The forward map is T * C * R(angle) * Sh(shear) * C^-1 (torchvision's convention); PIL's
-  `Image.transform(AFFINE)` wants its inverse C * (R Sh)^-1 * C^-1 * T^-1.
-  """
-  rot = math.radians(angle)
-  sx, sy = math.radians(shear[0]), math.radians(shear[1])
-  cx, cy = center
-  tx, ty = translate
-  # R * Sh as [[a, b], [c, d]]; its determinant is 1, so the inverse is [[d, -b], [-c, a]].
-  a = math.cos(rot - sy) / math.cos(sy)
-  b = -math.cos(rot - sy) * math.tan(sx) / math.cos(sy) - math.sin(rot)
-  c = math.sin(rot - sy) / math.cos(sy)
-  d = -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)
-  matrix = [d, -b, 0.0, -c, a, 0.0]
-  matrix[2] += matrix[0] * (-cx - tx) + matrix[1] * (-cy - ty)
-  matrix[5] += matrix[3] * (-cx - tx) + matrix[4] * (-cy - ty)
-  matrix[2] += cx
-  matrix[5] += cy
-  return matrix
 
 
 def _fill_color(img: Image.Image, fill: float | Sequence[float]):
@@ -121,7 +42,7 @@ def _fill_color(img: Image.Image, fill: float | Sequence[float]):
 
 
 def _affine(img: Image.Image, center, angle, translate, shear, interpolation, fill):
-  matrix = _inverse_affine_matrix(center, angle, translate, shear)
+  matrix = augment_ops.inverse_affine_matrix(center, angle, translate, 1.0, shear)
   return img.transform(img.size, Image.AFFINE, matrix, interpolation,
                        fillcolor=_fill_color(img, fill))
 
@@ -133,8 +54,8 @@ def apply_op(img: Image.Image, op_name: str, magnitude: float,
 
   Args:
     img: an RGB (or L) PIL image.
-    op_name: one of OPS.
-    magnitude: the signed magnitude (from `augmentation_space`).
+    op_name: one of augment_ops.OPS.
+    magnitude: the signed magnitude (from `augment_ops.augmentation_space`).
     interpolation: PIL resampling filter for the geometric ops.
     fill: value of pixels coming from outside the image.
 
@@ -172,7 +93,7 @@ def apply_op(img: Image.Image, op_name: str, magnitude: float,
     return ImageOps.autocontrast(img)
   if op_name == 'Equalize':
     return ImageOps.equalize(img)
-  raise ValueError(f'Unknown RandAugment op {op_name!r}; expected one of {OPS}.')
+  raise ValueError(f'Unknown RandAugment op {op_name!r}; expected one of {augment_ops.OPS}.')
 
 
 class RandAugment:
@@ -202,10 +123,10 @@ class RandAugment:
   def sample_ops(self, rng: np.random.Generator, image_size: Sequence[int]
                  ) -> list[tuple[str, float]]:
     """Draws the (op name, signed magnitude) sequence for one image of size (H, W)."""
-    space = augmentation_space(self.num_magnitude_bins, image_size)
+    space = augment_ops.augmentation_space(self.num_magnitude_bins, image_size)
     ops = []
     for _ in range(self.num_ops):
-      op_name = OPS[int(rng.integers(len(OPS)))]
+      op_name = augment_ops.OPS[int(rng.integers(augment_ops.NUM_OPS))]
       magnitudes, signed = space[op_name]
       magnitude = float(magnitudes[self.magnitude]) if magnitudes.ndim > 0 else 0.0
       if signed and rng.integers(2):

@@ -57,103 +57,17 @@ mostly fused by XLA, instead of fourteen.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# In torchvision's RandAugment order: an op index drawn uniformly in [0, 14) names the op.
-OP_NAMES = ('Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness',
-            'Color', 'Contrast', 'Sharpness', 'Posterize', 'Solarize', 'AutoContrast',
-            'Equalize')
-NUM_OPS = len(OP_NAMES)
-SIGNED_OPS = frozenset({'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'Brightness',
-                        'Color', 'Contrast', 'Sharpness'})
-_OP = {name: i for i, name in enumerate(OP_NAMES)}
+from vpr_jax.data import augment_ops
+
+_OP = {name: i for i, name in enumerate(augment_ops.OPS)}
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
-
-
-def _torch_linspace_value(start: float, end: float, steps: int, index: int) -> float:
-  """Element `index` of `torch.linspace(start, end, steps)` (float32), as torch computes it."""
-  start32, end32 = np.float32(start), np.float32(end)
-  if steps == 1:
-    return float(start32)
-  step = np.float32((end32 - start32) / np.float32(steps - 1))
-  # torch fills the first half forwards from `start` and the second half backwards from `end`.
-  if index < steps // 2:
-    return float(np.float32(start32 + step * np.float32(index)))
-  return float(np.float32(end32 - step * np.float32(steps - index - 1)))
-
-
-def op_magnitude(op_name: str, magnitude: int, num_magnitude_bins: int, height: int,
-                 width: int) -> float:
-  """The unsigned magnitude torchvision's RandAugment gives `op_name` (0.0 for unparameterised).
-
-  Args:
-    op_name: one of OP_NAMES.
-    magnitude: the magnitude bin (torchvision's `magnitude`).
-    num_magnitude_bins: number of bins (torchvision's `num_magnitude_bins`).
-    height: image height (TranslateY's range).
-    width: image width (TranslateX's range).
-
-  Returns:
-    The magnitude as a Python float (shear factor, pixels, degrees, enhancement delta, bits or
-    threshold).
-  """
-  if op_name not in _OP:
-    raise ValueError(f'unknown RandAugment op {op_name!r}; expected one of {OP_NAMES}')
-  bins, b = num_magnitude_bins, magnitude
-  if op_name in ('ShearX', 'ShearY'):
-    return _torch_linspace_value(0.0, 0.3, bins, b)
-  if op_name == 'TranslateX':
-    return _torch_linspace_value(0.0, 150.0 / 331.0 * width, bins, b)
-  if op_name == 'TranslateY':
-    return _torch_linspace_value(0.0, 150.0 / 331.0 * height, bins, b)
-  if op_name == 'Rotate':
-    return _torch_linspace_value(0.0, 30.0, bins, b)
-  if op_name in ('Brightness', 'Color', 'Contrast', 'Sharpness'):
-    return _torch_linspace_value(0.0, 0.9, bins, b)
-  if op_name == 'Posterize':
-    # 8 - round(b / ((bins - 1) / 4)) in float32, rounding half to even like torch.round.
-    ratio = np.float32(b) / np.float32((bins - 1) / 4)
-    return float(8 - int(np.round(ratio)))
-  if op_name == 'Solarize':
-    return _torch_linspace_value(255.0, 0.0, bins, b)
-  return 0.0
-
-
-def inverse_affine_matrix(center: Sequence[float], angle: float, translate: Sequence[float],
-                          scale: float, shear: Sequence[float]) -> list[float]:
-  """Output-to-input affine map [a, b, c, d, e, f] of torchvision's affine (float64).
-
-  The forward map is T * C * R(angle) * S(scale) * ShearY * ShearX * C^-1 (C: translation to
-  `center`, T: `translate`), angles in degrees; torchvision samples the input at the inverse.
-
-  Args:
-    center: (cx, cy), relative to the image centre.
-    angle: rotation in degrees (counter-clockwise positive in torchvision's `affine`).
-    translate: (tx, ty) in pixels.
-    scale: isotropic scale.
-    shear: (sx, sy) in degrees.
-
-  Returns:
-    Six floats: x_in = a x + b y + c, y_in = d x + e y + f (centred pixel coordinates).
-  """
-  rot = math.radians(angle)
-  sx, sy = math.radians(shear[0]), math.radians(shear[1])
-  cx, cy = center
-  tx, ty = translate
-  # Rotation-shear block of the forward map; its determinant is 1.
-  a = math.cos(rot - sy) / math.cos(sy)
-  b = -(a * math.tan(sx) + math.sin(rot))
-  c = math.sin(rot - sy) / math.cos(sy)
-  d = math.cos(rot) - c * math.tan(sx)
-  m = [d / scale, -b / scale, 0.0, -c / scale, a / scale, 0.0]
-  m[2] += cx - m[0] * (cx + tx) - m[1] * (cy + ty)
-  m[5] += cy - m[3] * (cx + tx) - m[4] * (cy + ty)
-  return m
 
 
 def _geometric_matrix(op_name: str, signed_magnitude: float, height: int,
@@ -161,20 +75,20 @@ def _geometric_matrix(op_name: str, signed_magnitude: float, height: int,
   """The inverse affine matrix RandAugment's geometric op uses (identity for the others)."""
   if op_name == 'ShearX':
     # Sheared about the top-left corner (center=[0, 0] in pixels), as RandAugment does.
-    return inverse_affine_matrix([-0.5 * width, -0.5 * height], 0.0, [0.0, 0.0], 1.0,
+    return augment_ops.inverse_affine_matrix([-0.5 * width, -0.5 * height], 0.0, [0.0, 0.0], 1.0,
                                  [math.degrees(math.atan(signed_magnitude)), 0.0])
   if op_name == 'ShearY':
-    return inverse_affine_matrix([-0.5 * width, -0.5 * height], 0.0, [0.0, 0.0], 1.0,
+    return augment_ops.inverse_affine_matrix([-0.5 * width, -0.5 * height], 0.0, [0.0, 0.0], 1.0,
                                  [0.0, math.degrees(math.atan(signed_magnitude))])
   if op_name == 'TranslateX':
-    return inverse_affine_matrix([0.0, 0.0], 0.0, [float(int(signed_magnitude)), 0.0], 1.0,
+    return augment_ops.inverse_affine_matrix([0.0, 0.0], 0.0, [float(int(signed_magnitude)), 0.0], 1.0,
                                  [0.0, 0.0])
   if op_name == 'TranslateY':
-    return inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, float(int(signed_magnitude))], 1.0,
+    return augment_ops.inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, float(int(signed_magnitude))], 1.0,
                                  [0.0, 0.0])
   if op_name == 'Rotate':
     # `rotate` takes the angle modulo 360 and passes its negative to the affine matrix.
-    return inverse_affine_matrix([0.0, 0.0], -(signed_magnitude % 360), [0.0, 0.0], 1.0,
+    return augment_ops.inverse_affine_matrix([0.0, 0.0], -(signed_magnitude % 360), [0.0, 0.0], 1.0,
                                  [0.0, 0.0])
   return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
@@ -183,12 +97,12 @@ class OpTables(NamedTuple):
   """Per-(op, sign) constants of one RandAugment configuration and image size (numpy).
 
   Attributes:
-    grid_matrix: float32 [NUM_OPS, 2, 3, 2]: the inverse affine matrix, transposed and divided by
+    grid_matrix: float32 [augment_ops.NUM_OPS, 2, 3, 2]: the inverse affine matrix, transposed and divided by
       (W/2, H/2) so that it maps centred output pixel coordinates (x, y, 1) to normalised input
       coordinates in [-1, 1] (torchvision's `_affine_grid`). Index [op, negative].
-    factor: float32 [NUM_OPS, 2]: enhancement factor 1 + magnitude (Brightness, Color, Contrast,
+    factor: float32 [augment_ops.NUM_OPS, 2]: enhancement factor 1 + magnitude (Brightness, Color, Contrast,
       Sharpness); 1 for the other ops.
-    other_weight: float32 [NUM_OPS, 2]: 1 - factor, formed in float64 before the cast as
+    other_weight: float32 [augment_ops.NUM_OPS, 2]: 1 - factor, formed in float64 before the cast as
       torchvision does (the weight of the degenerate image in a blend).
     color_table: uint8 [2, 256 * 256]: Color's output for (negative, value * 256 + grey).
     sharpness_table: uint8 [2, 256 * 256]: Sharpness's output for (negative, value * 256 +
@@ -249,14 +163,14 @@ def make_op_tables(height: int, width: int, magnitude: int = 9,
     raise ValueError(f'RandAugment magnitude must be in [0, num_magnitude_bins) with '
                      f'num_magnitude_bins >= 2; got magnitude={magnitude}, '
                      f'num_magnitude_bins={num_magnitude_bins}')
-  grid_matrix = np.zeros((NUM_OPS, 2, 3, 2), np.float32)
-  factor = np.ones((NUM_OPS, 2), np.float32)
-  other_weight = np.zeros((NUM_OPS, 2), np.float32)
+  grid_matrix = np.zeros((augment_ops.NUM_OPS, 2, 3, 2), np.float32)
+  factor = np.ones((augment_ops.NUM_OPS, 2), np.float32)
+  other_weight = np.zeros((augment_ops.NUM_OPS, 2), np.float32)
   half_size = np.asarray([0.5 * width, 0.5 * height], np.float32)
   for op_name, op in _OP.items():
-    value = op_magnitude(op_name, magnitude, num_magnitude_bins, height, width)
+    value = augment_ops.op_magnitude(op_name, magnitude, num_magnitude_bins, height, width)
     for negative in (0, 1):
-      signed = -value if negative and op_name in SIGNED_OPS else value
+      signed = -value if negative and op_name in augment_ops.SIGNED_OPS else value
       # torchvision casts the float64 matrix to float32, then divides by (W/2, H/2) in float32.
       theta = np.asarray(_geometric_matrix(op_name, signed, height, width),
                          np.float64).astype(np.float32).reshape(2, 3)
@@ -270,10 +184,10 @@ def make_op_tables(height: int, width: int, magnitude: int = 9,
   sharpness_table = np.stack([
       _blend_table(factor[_OP['Sharpness'], s], other_weight[_OP['Sharpness'], s], 'sharpness')
       for s in (0, 1)])
-  bits = int(op_magnitude('Posterize', magnitude, num_magnitude_bins, height, width))
+  bits = int(augment_ops.op_magnitude('Posterize', magnitude, num_magnitude_bins, height, width))
   bits = min(max(bits, 0), 8)
   posterize_mask = (((1 << bits) - 1) << (8 - bits)) & 0xFF
-  solarize_threshold = op_magnitude('Solarize', magnitude, num_magnitude_bins, height, width)
+  solarize_threshold = augment_ops.op_magnitude('Solarize', magnitude, num_magnitude_bins, height, width)
   return OpTables(grid_matrix, factor, other_weight, color_table, sharpness_table,
                   posterize_mask, solarize_threshold)
 
@@ -415,7 +329,7 @@ def apply_ops(images: jax.Array, ops: jax.Array, negative: jax.Array,
 
   Args:
     images: uint8 [N, H, W, 3].
-    ops: int [N], indices into OP_NAMES.
+    ops: int [N], indices into augment_ops.OPS.
     negative: bool [N]; True negates the magnitude of signed ops (ignored by the others).
     tables: `make_op_tables(H, W, magnitude, num_magnitude_bins)`.
 
@@ -453,7 +367,7 @@ def sample_ops(rng: jax.Array, num_images: int, num_ops: int) -> tuple[jax.Array
     (ops int32 [N, num_ops], negative bool [N, num_ops]).
   """
   op_rng, sign_rng = jax.random.split(rng)
-  ops = jax.random.randint(op_rng, (num_images, num_ops), 0, NUM_OPS, dtype=jnp.int32)
+  ops = jax.random.randint(op_rng, (num_images, num_ops), 0, augment_ops.NUM_OPS, dtype=jnp.int32)
   negative = jax.random.bernoulli(sign_rng, 0.5, (num_images, num_ops))
   return ops, negative
 
