@@ -1,4 +1,4 @@
-"""SIGTERM / SIGINT stop a loop after the current step (vpr_jax.preemption), on one or two processes."""
+"""SIGTERM and SIGINT stop a loop after the current step (vpr_jax.preemption), on 1 or 2 processes."""
 
 import os
 import signal
@@ -144,7 +144,7 @@ def test_bad_check_interval():
 
 
 def test_two_processes_stop_at_the_same_step(tmp_path):
-  """Process 1 alone gets SIGTERM during step 3; both stop and save after step 4 (checks every 4)."""
+  """Process 1 alone gets SIGTERM in step 3; both save after step 4 (they check every 4 steps)."""
   command = [sys.executable, os.path.join('scripts', 'launch_multihost_local.py'),
              '--num_processes=2', '--devices_per_process=1', f'--log_dir={tmp_path / "logs"}',
              '--timeout=150', '--', sys.executable, '-m', 'tests.preemption_loop', str(tmp_path),

@@ -104,7 +104,7 @@ def test_second_process_fails_at_once_naming_the_holder_then_gets_it_after_sigki
 
 
 def test_lock_inherited_by_an_orphan_child_is_stale_when_its_holder_is_dead(tmp_path):
-  """A forked child keeps the flock after its parent is killed; the dead pid in the file frees it."""
+  """A forked child keeps the flock when its parent is killed; the dead pid in the file frees it."""
   workdir = tmp_path / 'run'
   holder, lines = _start_holder(workdir, 'fork')
   child = int(lines[0][1])

@@ -421,7 +421,8 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
     kind: 'auto', 'torchvision' (backbone only: the aggregator is initialised from config.seed)
       or 'family' (whole model).
     allow_unsafe_pickle: see `load_torch_state_dict`.
-    overwrite: replace a non-empty `out`.
+    overwrite: replace a non-empty `out` that holds a checkpoint written by this function (and
+      nothing else: a folder with other files is refused).
 
   Returns:
     (the config saved with the checkpoint, the variables written).
@@ -431,6 +432,14 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
   if os.path.isdir(out) and os.listdir(out) and not overwrite:  # Fail before the slow part.
     raise FileExistsError(f'{out} already exists and is not empty; choose another output '
                           'directory or pass overwrite=True (CLI: --overwrite).')
+  # overwrite replaces the whole folder: only one that holds nothing but a converted checkpoint.
+  own = {checkpointing.CONFIG_FILENAME, checkpointing.LATEST_SUBDIR}
+  foreign = sorted(set(os.listdir(out)) - own) if os.path.isdir(out) else []
+  if foreign:
+    raise FileExistsError(
+        f'{out} holds files that this converter did not write ({", ".join(foreign[:5])}'
+        f'{", ..." if len(foreign) > 5 else ""}); overwrite only replaces a converted checkpoint. '
+        'Choose another output directory.')
   state_dict = load_torch_state_dict(torch_checkpoint, allow_unsafe_pickle)
   if kind == 'auto':
     kind = detect_kind(state_dict)
@@ -479,7 +488,8 @@ def _define_flags():
                     'only); family: gsv-cities / MixVPR / mldl24-vpr model; auto: detect.')
   flags.DEFINE_bool('allow_unsafe_pickle', False, 'Load with torch.load(weights_only=False); only '
                     'for trusted files the safe loader rejects.')
-  flags.DEFINE_bool('overwrite', False, 'Replace a non-empty --out directory.')
+  flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint that vpr_jax.convert wrote in --out '
+                    '(a folder holding other files is refused).')
   flags.mark_flags_as_required(['config', 'torch_checkpoint', 'out'])
 
 
