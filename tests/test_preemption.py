@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT stop a loop after the current step (vpr_jax.preemption), on 1 or 2 processes."""
+"""SIGTERM and SIGINT end a loop after the current step, on 1 or 2 processes."""
 
 import os
 import signal
