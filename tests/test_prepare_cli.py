@@ -1,4 +1,4 @@
-"""`python -m vpr_jax.prepare` with mistakes: one line naming the value, status 1, nothing written."""
+"""`python -m vpr_jax.prepare` with mistakes: one line naming the value, status 1, no output."""
 
 import os
 import subprocess

@@ -1,6 +1,7 @@
 """One process per workdir: real processes contend for `vpr_jax.workdir_lock`."""
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -96,7 +97,11 @@ def test_second_process_fails_at_once_naming_the_holder_then_gets_it_after_sigki
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     # The killed process's lock file is still there, naming it; the kernel dropped the flock.
-    assert json.loads((workdir / workdir_lock.LOCK_FILENAME).read_text())['pid'] == holder.pid
+    lock_path = workdir / workdir_lock.LOCK_FILENAME
+    assert json.loads(lock_path.read_text())['pid'] == holder.pid
+    with open(lock_path) as f:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Would raise BlockingIOError if still held.
+      fcntl.flock(f, fcntl.LOCK_UN)
     taken, _ = _contend(workdir)
     assert taken.returncode == 0 and taken.stdout == 'locked\n', taken.stderr
   finally:
