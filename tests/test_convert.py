@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import e2e
 from tests.test_aggregators import torch_aggregator
 from tests.test_resnet import randomised_torchvision_resnet
 from tests.test_vpr_model import small_config
@@ -260,3 +261,36 @@ def test_cli_torchvision_backbone(tmp_path):
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode != 0 and 'not empty' in again.stderr
   assert orbax_states.load_for_eval(str(out))[0].model.aggregator == 'gem'
+
+
+def test_overwrite_replaces_only_a_converted_checkpoint(tmp_path):
+  """--overwrite never deletes what the converter did not write: such a folder is refused."""
+  torch = pytest.importorskip('torch', reason='torch is the reference implementation')
+  config = small_config('gem')
+  path = tmp_path / 'gem.pth'
+  torch.save(family_torch_model(config, seed=1).state_dict(), path)
+  out = tmp_path / 'converted'
+  converter.convert_checkpoint(config, str(path), str(out))
+  converted = sorted(os.listdir(out))
+
+  # A converted checkpoint alone is replaced.
+  torch.save(family_torch_model(config, seed=2).state_dict(), path)
+  converter.convert_checkpoint(config, str(path), str(out), overwrite=True)
+  assert sorted(os.listdir(out)) == converted
+
+  # With a file of the user's beside it: refused before any work, nothing touched.
+  (out / 'notes.txt').write_text('keep me')
+  before = e2e.file_snapshot(str(out))
+  with pytest.raises(errors.OutputPathError, match=r'did not write \(notes.txt\)'):
+    converter.convert_checkpoint(config, str(path), str(out), overwrite=True)
+  assert e2e.file_snapshot(str(out)) == before
+
+  # A training workdir (metrics, checkpoints/...) given as --out by mistake.
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  (workdir / 'metrics.jsonl').write_text('{"step": 1}\n')
+  (workdir / 'config.json').write_text('{}')
+  with pytest.raises(errors.OutputPathError, match=r'did not write \(checkpoints, metrics.jsonl\)'):
+    converter.convert_checkpoint(config, str(path), str(workdir), overwrite=True)
+  assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'metrics.jsonl']
+  assert sorted(os.listdir(tmp_path)) == ['converted', 'gem.pth', 'run']

@@ -99,3 +99,11 @@ class NonFiniteError(UserError, FloatingPointError):
 
 class OutputPathError(UserError, OSError):
   """A result file cannot be written where the user asked."""
+
+
+class WorkdirLockedError(UserError, OSError):
+  """Another process holds the workdir's lock (it is training, or evaluating into it)."""
+
+
+class WorkdirNotUsableError(UserError, OSError):
+  """The workdir is a file, or it (or a parent) cannot be created or written."""

@@ -76,6 +76,33 @@ def safe_file_name(name: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_') or 'dataset'
 
 
+def check_output_folder(path: PathLike, what: str = 'output folder') -> str:
+  """Checks, before any work, that a folder can be created (or written) at `path`.
+
+  Args:
+    path: the folder the command will write.
+    what: the flag or field that named it, for the message.
+
+  Returns:
+    The absolute path.
+
+  Raises:
+    OutputPathError: `path` is a file, under a file, or its nearest existing folder is not
+      writable.
+  """
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise OutputPathError(f'{what} {path!r} is a file; expected a folder.')
+  existing = os.path.dirname(path)
+  while existing and not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if existing and not os.path.isdir(existing):
+    raise OutputPathError(f'{what} {path!r}: {existing!r} is a file, not a folder.')
+  if not os.access(existing or '.', os.W_OK | os.X_OK):
+    raise OutputPathError(f'{what} {path!r}: folder {existing!r} is not writable.')
+  return path
+
+
 def check_output_path(path: PathLike, what: str = 'output') -> str:
   """Checks, before any work, that a result file can be written at `path`.
 

@@ -126,9 +126,16 @@ def check_resumable(directory: str, config: ml_collections.ConfigDict) -> list[s
 
   Raises:
     CheckpointMismatchError: the checkpoint was written with another configuration (the
-      differing fields are listed), or it holds steps but no config.json.
+      differing fields are listed), or it holds steps but no config.json. A folder without any
+      completed step is never refused.
   """
   directory = os.path.abspath(os.fspath(directory))
+  has_steps = bool(runs.finalized_steps(os.path.join(directory, runs.LATEST_SUBDIR)) or
+                   runs.finalized_steps(os.path.join(directory, runs.BEST_SUBDIR)))
+  if not has_steps:
+    # A run that failed before its first checkpoint left at most its config.json: nothing to
+    # resume, so nothing blocks a corrected rerun (which writes its own config.json).
+    return []
   if os.path.exists(os.path.join(directory, runs.CONFIG_FILENAME)):
     saved = read_config(directory)
     differences = config_differences(saved, config, ignore=RESUMABLE_CONFIG_FIELDS)
@@ -138,12 +145,9 @@ def check_resumable(directory: str, config: ml_collections.ConfigDict) -> list[s
           'use another workdir or the same configuration. Differences:\n  ' +
           '\n  '.join(differences))
     return config_differences(saved, config)
-  if runs.finalized_steps(os.path.join(directory, runs.LATEST_SUBDIR)) or runs.finalized_steps(
-      os.path.join(directory, runs.BEST_SUBDIR)):
-    raise CheckpointMismatchError(
-        f'{directory} holds checkpoint steps but no {runs.CONFIG_FILENAME}; refusing to resume '
-        'from or write over a checkpoint whose configuration is unknown.')
-  return []
+  raise CheckpointMismatchError(
+      f'{directory} holds checkpoint steps but no {runs.CONFIG_FILENAME}; refusing to resume '
+      'from or write over a checkpoint whose configuration is unknown.')
 
 
 def write_config(directory: str, config: ml_collections.ConfigDict) -> None:

@@ -28,7 +28,8 @@ flags.DEFINE_enum('kind', 'auto', mapping.KINDS, 'torchvision: ImageNet ResNet s
                   '(backbone only); family: gsv-cities / MixVPR / mldl24-vpr model; auto: detect.')
 flags.DEFINE_bool('allow_unsafe_pickle', False, 'Load with torch.load(weights_only=False); only '
                   'for trusted files the safe loader rejects.')
-flags.DEFINE_bool('overwrite', False, 'Replace a non-empty --out directory.')
+flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint that vpr_jax.convert wrote in --out '
+                  '(a folder holding other files is refused).')
 flags.mark_flags_as_required(['config', 'torch_checkpoint', 'out'])
 
 

@@ -12,15 +12,16 @@ when started again with the same arguments; the output folder appears only when 
 """
 
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vpr_jax import fileio
 from vpr_jax.cli import common
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import prepared
 from vpr_jax.data import roots
 from vpr_jax.data import workers
+from vpr_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -44,28 +45,58 @@ flags.mark_flags_as_required(['config', 'out'])
 
 
 def parse_image_size(values) -> tuple[int, int]:
-  """['224', '224'] -> (224, 224); a clear error otherwise."""
+  """['224', '224'] -> (224, 224); a ConfigError naming the value otherwise."""
   try:
     size = tuple(int(v) for v in values)
-  except ValueError:
+  except (TypeError, ValueError):
     size = ()
   if len(size) != 2 or min(size) <= 0:
-    raise app.UsageError(f'--image_size must be H,W (two positive integers), got '
-                         f'{",".join(values)!r}.')
+    raise ConfigError(f'--image_size must be H,W (two positive integers), got '
+                               f'{",".join(str(v) for v in values)!r}.')
   return size
 
 
-def main(argv):
+def config_image_size(config) -> tuple[int, int]:
+  """The config's image_size as (H, W); a ConfigError naming the value otherwise."""
+  value = config.image_size
+  try:
+    size = tuple(int(v) for v in value)
+  except (TypeError, ValueError):
+    size = ()
+  if len(size) != 2 or min(size) <= 0 or size != tuple(value):
+    raise ConfigError(f'config image_size must be (H, W), two positive integers, got '
+                               f'{value!r}; set it or pass --image_size / --short_side.')
+  return size
+
+
+def check_arguments(short_side, quality, num_workers, records_per_shard) -> None:
+  """Checks the numeric flags before any work; ConfigError names the flag and value."""
+  if short_side is not None and short_side <= 0:
+    raise ConfigError(f'--short_side must be a positive integer, got {short_side}.')
+  if not 1 <= quality <= 100:
+    raise ConfigError(f'--quality must be in 1..100, got {quality}.')
+  if num_workers < -1:
+    raise ConfigError(f'--num_workers must be -1 (one per CPU core), 0 (this process '
+                               f'only) or a positive number, got {num_workers}.')
+  if records_per_shard <= 0:
+    raise ConfigError(f'--records_per_shard must be a positive integer, got '
+                               f'{records_per_shard}.')
+
+
+def prepare_from_flags(argv) -> None:
+  """What `main` does: checks every argument, indexes the training places, prepares them."""
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}.')
   config = FLAGS.config
   if FLAGS.image_size is not None and FLAGS.short_side is not None:
-    raise app.UsageError('Give --image_size or --short_side, not both.')
+    raise ConfigError('give --image_size or --short_side, not both.')
+  check_arguments(FLAGS.short_side, FLAGS.quality, FLAGS.num_workers, FLAGS.records_per_shard)
   short_side = FLAGS.short_side
   image_size = None
   if short_side is None:
     image_size = (parse_image_size(FLAGS.image_size) if FLAGS.image_size is not None
-                  else tuple(int(s) for s in config.image_size))
+                  else config_image_size(config))
+  out = fileio.check_output_folder(FLAGS.out, '--out')
   data_root = roots.resolve_data_root(
       FLAGS.data_root if FLAGS.data_root is not None else config.data.root)
   train_dir = roots.resolve_under(data_root, config.data.train_dir)
@@ -75,15 +106,20 @@ def main(argv):
       rebuild=bool(config.data.rebuild_index))
   num_workers = workers.resolve_num_workers(FLAGS.num_workers, '--num_workers')
   print(f'Preparing {index.num_images} images of {index.num_places} places from {train_dir} '
-        f'into {FLAGS.out} with {num_workers} workers.', flush=True)
+        f'into {out} with {num_workers} workers.', flush=True)
   info = prepared.prepare_training_data(
-      index, FLAGS.out, image_size=image_size, short_side=short_side, quality=FLAGS.quality,
+      index, out, image_size=image_size, short_side=short_side, quality=FLAGS.quality,
       subsampling=FLAGS.subsampling, num_workers=num_workers,
       records_per_shard=FLAGS.records_per_shard, overwrite=FLAGS.overwrite,
       progress=lambda line: print(line, flush=True))
   rate = info.get('images_per_second_this_run')
-  print(f'Done: {FLAGS.out} ({info["num_bad_images"]} unreadable images'
+  print(f'Done: {out} ({info["num_bad_images"]} unreadable images'
         + (f'; {rate:.0f} images/s' if rate else '') + ').', flush=True)
+
+
+def main(argv):
+  # Mistakes in the input (flags, config, data) end with one line and status 1, no traceback.
+  common.report_user_errors(prepare_from_flags, argv)
 
 
 def run():

@@ -14,6 +14,8 @@ JAX_PROCESS_ID (or under SLURM / Open MPI), all with the same --workdir on a sha
 
 import datetime
 import os
+import signal
+import sys
 
 from absl import app
 from absl import flags
@@ -65,7 +67,10 @@ def main(argv, hooks=()):
     print(f'Workdir: {workdir} (rerun with --workdir {workdir} to resume)', flush=True)
   # train_and_evaluate writes config.json into the workdir once it has checked that an existing
   # checkpoint there belongs to this configuration.
-  common.report_user_errors(loop.train_and_evaluate, config, workdir, hooks=hooks)
+  summary = common.report_user_errors(loop.train_and_evaluate, config, workdir, hooks=hooks)
+  if summary['stopped_by']:
+    # Stopped by a signal, after saving: the shell's convention for a job ended by it.
+    sys.exit(128 + signal.Signals[summary['stopped_by']].value)
 
 
 def run():

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from vpr_jax.checkpoints import orbax_states
+from vpr_jax.checkpoints import runs
 from vpr_jax.conversion import mapping
 from vpr_jax.conversion import torch_files
 from vpr_jax.errors import ConfigError
@@ -92,7 +93,8 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
     kind: 'auto', 'torchvision' (backbone only: the aggregator is initialised from config.seed)
       or 'family' (whole model).
     allow_unsafe_pickle: see `torch_files.load_torch_state_dict`.
-    overwrite: replace a non-empty `out`.
+    overwrite: replace a non-empty `out` that holds a checkpoint written by this function (and
+      nothing else: a folder with other files is refused).
 
   Returns:
     (the config saved with the checkpoint, the variables written).
@@ -102,6 +104,14 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
   if os.path.isdir(out) and os.listdir(out) and not overwrite:  # Fail before the slow part.
     raise OutputPathError(f'{out} already exists and is not empty; choose another output '
                           'directory or pass overwrite=True (CLI: --overwrite).')
+  # overwrite replaces the whole folder: only one that holds nothing but a converted checkpoint.
+  own = {runs.CONFIG_FILENAME, runs.LATEST_SUBDIR}
+  foreign = sorted(set(os.listdir(out)) - own) if os.path.isdir(out) else []
+  if foreign:
+    raise OutputPathError(
+        f'{out} holds files that this converter did not write ({", ".join(foreign[:5])}'
+        f'{", ..." if len(foreign) > 5 else ""}); overwrite only replaces a converted checkpoint. '
+        'Choose another output directory.')
   state_dict = torch_files.load_torch_state_dict(torch_checkpoint, allow_unsafe_pickle)
   if kind == 'auto':
     kind = mapping.detect_kind(state_dict)

@@ -18,16 +18,15 @@ prediction sheets of the last validation (`PredictionSheetsHook`). Tests add the
 
 import contextlib
 import json
-import math
 import os
 import sys
 from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence
 
-import numpy as np
 import tensorboardX
 from tqdm import auto as tqdm
 
 from vpr_jax import fileio
+from vpr_jax import strict_json
 from vpr_jax import visualize
 from vpr_jax.evaluation import outputs
 
@@ -109,24 +108,6 @@ class Hooks(Hook):
       raise errors[0]
 
 
-def json_safe(value: Any) -> Any:
-  """`value` with every non-finite float (also nested, numpy scalars) replaced by None.
-
-  JSON has no NaN or Infinity; `json.dumps` would write the bare tokens, which strict readers
-  refuse.
-  """
-  if isinstance(value, Mapping):
-    return {str(k): json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [json_safe(v) for v in value]
-  if isinstance(value, (np.floating, float)):
-    value = float(value)
-    return value if math.isfinite(value) else None
-  if isinstance(value, np.integer):
-    return int(value)
-  return value
-
-
 def recall_record(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
   """{dataset: {"1": percent, ...}} of validation results (string keys, as in metrics.jsonl)."""
   return {name: {str(n): float(v) for n, v in result.recall.items()}
@@ -147,10 +128,12 @@ class MetricsFile(Hook):
     self.enabled = enabled
 
   def on_start(self, run) -> None:
-    self.truncate_after(run.start_step)
+    # A resumed run reads as one uninterrupted run; a fresh one (also after a run that failed
+    # before its first checkpoint) starts an empty file.
+    self.truncate_after(run.start_step if run.resumed else -1)
 
   def truncate_after(self, step: int) -> None:
-    """Drops the records after `step` (a resumed run then reads as one uninterrupted run)."""
+    """Drops the records after `step`."""
     if not self.enabled or not os.path.exists(self.path):
       return
     kept = []
@@ -172,7 +155,7 @@ class MetricsFile(Hook):
     if not self.enabled:
       return
     with open(self.path, 'a') as f:
-      f.write(json.dumps(json_safe(record), allow_nan=False) + '\n')
+      f.write(strict_json.dumps(record) + '\n')
 
   def on_train_record(self, run, record: Mapping[str, Any]) -> None:
     self.write(record)

@@ -6,6 +6,11 @@
     every log_every_steps: a training record -> hooks (metrics.jsonl, TensorBoard, console)
     every eval_every_epochs epochs: validation (Recall@N) -> hooks -> best + latest checkpoint
     every checkpoint_every_steps steps: latest checkpoint
+    SIGTERM / SIGINT: finish the step, save a checkpoint (with the data iterator), stop
+
+One trainer per workdir: process 0 holds the workdir's lock (`workdir_lock`) from before anything
+is written until the run ends; a second trainer started on the same workdir stops at once, naming
+the holder.
 
 Non-finite loss or gradients are caught inside the step: the update is not applied (parameters,
 BatchNorm statistics and optimiser state keep their values). The host looks at the count at every
@@ -23,8 +28,10 @@ import numpy as np
 from vpr_jax import parallel
 from vpr_jax.errors import NonFiniteError
 from vpr_jax.training import hooks as hooks_lib
+from vpr_jax.training import preemption
 from vpr_jax.training import setup
 from vpr_jax.training import state as state_lib
+from vpr_jax.training import workdir_lock
 
 
 class PendingMetrics:
@@ -120,9 +127,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     A summary dict: 'step' (steps done), 'train' (last training record), 'val' ({dataset: recall}
-    of the last validation), 'best_r1' and 'best_step', 'skipped_steps'.
+    of the last validation), 'best_r1' and 'best_step', 'skipped_steps', and 'stopped_by' (the
+    name of the signal that stopped the run early, or None).
   """
-  run = setup.setup_run(config, workdir)
+  with workdir_lock.WorkdirLock(workdir, jax.process_index()):
+    with preemption.StopRequest(check_every_steps=int(config.log_every_steps)) as stop:
+      run = setup.setup_run(config, workdir)
+      return _train(run, hooks, stop)
+
+
+def _train(run: setup.Run, hooks: Sequence[hooks_lib.Hook],
+           stop: preemption.StopRequest) -> dict[str, Any]:
+  """The loop over a set-up run (see `train_and_evaluate`)."""
+  config = run.config
   all_hooks = hooks_lib.Hooks(
       hooks_lib.default_hooks(run.workdir, config, run.is_main, setup.describe) + list(hooks))
   metrics = PendingMetrics(run)
@@ -138,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         lambda item: (dp.shard_batch(item[0]), item[1]),
         size=2 if jax.default_backend() != 'cpu' else 1)
     metrics.restart_clock()
-    while run.step < run.last_step:
+    while run.step < run.last_step and not stop.should_stop(run.step):
       try:
         batch, iterator_state = next(device_batches)
       except StopIteration:
@@ -163,11 +180,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     skipped = metrics.check_finite(run.step)
     if run.step > run.start_step and run.checkpointer.latest_step() != run.step:
       save_checkpoint(run, all_hooks, run.step)
-    all_hooks.on_end(run)
+    if stop.stop_step is not None:
+      if run.is_main:
+        print(f'Stopped by {stop.signal_name} after step {run.step}: checkpoint saved in '
+              f'{run.checkpointer.directory}. Run the same command to resume.', flush=True)
+    else:
+      all_hooks.on_end(run)
   finally:
     try:
       all_hooks.close()
     finally:
       run.close()
   return {'step': run.step, 'train': last_record, 'val': run.last_val, 'best_r1': run.best_r1,
-          'best_step': run.best_step, 'skipped_steps': skipped}
+          'best_step': run.best_step, 'skipped_steps': skipped,
+          'stopped_by': stop.signal_name if stop.stop_step is not None else None}

@@ -167,6 +167,7 @@ class Run:
     last_val: {dataset: {N: recall}} of the latest validation.
     last_eval_results: {dataset: EvalResult} of the latest validation of this process.
     notes: lines to print at start (resumption, changed settings).
+    resumed: whether the run restored a checkpoint of the workdir.
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -190,6 +191,7 @@ class Run:
   last_val: dict = dataclasses.field(default_factory=dict)
   last_eval_results: dict = dataclasses.field(default_factory=dict)
   notes: list = dataclasses.field(default_factory=list)
+  resumed: bool = False
 
   def host_state(self) -> state_lib.TrainState:
     """One host (numpy) copy of the train state."""
@@ -293,6 +295,7 @@ def _restore(run: Run, host_state, step: int, process_index: int, process_count:
     run.train_iter.set_state(iterator_state_for_process(restored['data_iterator_state'],
                                                         process_index, process_count))
   run.step = run.start_step = int(restored['train']['step'])
+  run.resumed = True
   best_step = run.checkpointer.best_step()
   if best_step is not None:
     run.best_r1 = run.checkpointer.best.metrics(best_step)['r1']

@@ -1,0 +1,85 @@
+"""`python -m vpr_jax.prepare` with mistakes: one line naming the value, status 1, no output."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import e2e
+
+CITIES = ('SynthA', 'SynthB')  # The synthetic dataset of tests/conftest.py.
+
+
+def _run(tmp_path, data_root, *args, out=None):
+  out = out or tmp_path / 'prepared'
+  command = [sys.executable, '-m', 'vpr_jax.prepare',
+             f'--config={os.path.join(e2e.REPO_ROOT, "configs", "default.py")}', f'--out={out}',
+             f'--data_root={data_root}', '--config.data.train_dir=gsv_cities',
+             f'--config.data.cities={CITIES!r}', f'--config.data.cache_dir={tmp_path / "cache"}',
+             '--num_workers=0', *args]
+  env = dict(os.environ, PYTHONPATH=e2e.REPO_ROOT, JAX_PLATFORMS='cpu')
+  env.pop('VPR_DATA_ROOT', None)
+  return subprocess.run(command, cwd=e2e.REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=120, check=False)
+
+
+BAD_ARGUMENTS = {
+    'image size zero': (['--image_size=0,0'], "--image_size must be H,W (two positive integers), "
+                        "got '0,0'"),
+    'image size three values': (['--image_size=32,32,3'], "got '32,32,3'"),
+    'image size not numbers': (['--image_size=a,b'], "got 'a,b'"),
+    'config image size zero': (['--config.image_size=(0, 0)'],
+                               'config image_size must be (H, W), two positive integers, got '
+                               '(0, 0)'),
+    'size and short side': (['--image_size=8,8', '--short_side=8'],
+                            'give --image_size or --short_side, not both'),
+    'short side negative': (['--short_side=-3'], '--short_side must be a positive integer, got -3'),
+    'quality zero': (['--image_size=8,8', '--quality=0'], '--quality must be in 1..100, got 0'),
+    'negative workers': (['--image_size=8,8', '--num_workers=-2'],
+                         '--num_workers must be -1 (one per CPU core), 0 (this process only) or '
+                         'a positive number, got -2'),
+    'empty shards': (['--image_size=8,8', '--records_per_shard=0'],
+                     '--records_per_shard must be a positive integer, got 0'),
+    'stray argument': (['--image_size=8,8', 'extra'], 'unexpected arguments: extra'),
+}
+
+
+def _single_error_line(result):
+  assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize('case', list(BAD_ARGUMENTS))
+def test_bad_argument_is_one_line(case, synthetic_root, tmp_path):
+  args, message = BAD_ARGUMENTS[case]
+  line = _single_error_line(_run(tmp_path, synthetic_root, *args))
+  assert line.startswith('ConfigError: ') and message in line, line
+  assert sorted(os.listdir(tmp_path)) == []  # Not even the place index cache.
+
+
+def test_missing_training_folder(tmp_path):
+  line = _single_error_line(_run(tmp_path, tmp_path, '--image_size=8,8'))
+  assert line == (f"DatasetError: Training folder {str(tmp_path / 'gsv_cities')!r} does not "
+                  'exist.'), line
+  assert not (tmp_path / 'prepared').exists()
+
+
+def test_missing_data_root(tmp_path):
+  line = _single_error_line(_run(tmp_path, tmp_path / 'nowhere', '--image_size=8,8'))
+  assert line.startswith('DatasetNotFoundError: ') and str(tmp_path / 'nowhere') in line, line
+
+
+def test_out_is_a_file(synthetic_root, tmp_path):
+  out = tmp_path / 'prepared'
+  out.write_text('mine')
+  line = _single_error_line(_run(tmp_path, synthetic_root, '--image_size=8,8', out=out))
+  assert line == f"OutputPathError: --out {str(out)!r} is a file; expected a folder.", line
+  line = _single_error_line(_run(tmp_path, synthetic_root, '--image_size=8,8',
+                                 out=out / 'inside'))
+  assert line == (f"OutputPathError: --out {str(out / 'inside')!r}: {str(out)!r} is a file, "
+                  'not a folder.'), line
+  assert out.read_text() == 'mine'
