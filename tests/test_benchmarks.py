@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vpr_jax.data import benchmarks
+from vpr_jax.data import roots
 from vpr_jax.data import synthetic
 
 SEED_GT_FILE = pathlib.Path(__file__).parent / 'data' / 'sfxs_val_seed_gt.json.xz'
@@ -131,21 +132,21 @@ def test_registry_names():
 
 
 def test_data_root_from_argument_then_environment(tmp_path, monkeypatch):
-  monkeypatch.delenv(benchmarks.DATA_ROOT_ENV, raising=False)
+  monkeypatch.delenv(roots.DATA_ROOT_ENV, raising=False)
   with pytest.raises(benchmarks.DatasetNotFoundError, match='VPR_DATA_ROOT'):
-    benchmarks.resolve_data_root('')
-  monkeypatch.setenv(benchmarks.DATA_ROOT_ENV, str(tmp_path))
-  assert benchmarks.resolve_data_root('') == str(tmp_path)
-  assert benchmarks.resolve_data_root(None) == str(tmp_path)
+    roots.resolve_data_root('')
+  monkeypatch.setenv(roots.DATA_ROOT_ENV, str(tmp_path))
+  assert roots.resolve_data_root('') == str(tmp_path)
+  assert roots.resolve_data_root(None) == str(tmp_path)
   other = tmp_path / 'other'
   other.mkdir()
-  assert benchmarks.resolve_data_root(str(other)) == str(other)  # The argument wins.
+  assert roots.resolve_data_root(str(other)) == str(other)  # The argument wins.
   with pytest.raises(benchmarks.DatasetNotFoundError, match='not a folder'):
-    benchmarks.resolve_data_root(str(tmp_path / 'nowhere'))
+    roots.resolve_data_root(str(tmp_path / 'nowhere'))
 
 
 def test_registered_name_from_environment(synthetic_root, monkeypatch):
-  monkeypatch.setenv(benchmarks.DATA_ROOT_ENV, str(synthetic_root))
+  monkeypatch.setenv(roots.DATA_ROOT_ENV, str(synthetic_root))
   bench = benchmarks.load_benchmark('synthetic_test')
   assert bench.root == str(synthetic_root / 'synthetic_test')
   assert bench.name == 'synthetic_test'
@@ -156,14 +157,14 @@ def test_paths_absolute_and_relative_to_the_data_root(synthetic_root, monkeypatc
   relative = benchmarks.load_benchmark('synthetic_val/', str(synthetic_root))
   assert by_path.database_paths == relative.database_paths
   monkeypatch.chdir(synthetic_root)
-  monkeypatch.delenv(benchmarks.DATA_ROOT_ENV, raising=False)
+  monkeypatch.delenv(roots.DATA_ROOT_ENV, raising=False)
   from_cwd = benchmarks.load_benchmark(os.path.join('.', 'synthetic_val'))
   assert from_cwd.root == str(synthetic_root / 'synthetic_val')
   assert from_cwd.database_paths == by_path.database_paths
 
 
 def test_registered_name_without_root_is_a_clear_error(monkeypatch):
-  monkeypatch.delenv(benchmarks.DATA_ROOT_ENV, raising=False)
+  monkeypatch.delenv(roots.DATA_ROOT_ENV, raising=False)
   with pytest.raises(benchmarks.DatasetNotFoundError, match='VPR_DATA_ROOT'):
     benchmarks.load_benchmark('sf_xs_val')
 

@@ -8,6 +8,7 @@ exits with status 1. Any other exception keeps its traceback.
 import difflib
 import importlib.resources
 import os
+import runpy
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -102,6 +103,52 @@ def rewrite_argv(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAG
   return rewritten
 
 
+def _override_fields(argv: Sequence[str]) -> list[str]:
+  """The dotted field names of the `--config.a.b=value` / `--config.a.b value` overrides."""
+  prefix = '--' + CONFIG_FLAG + '.'
+  fields = []
+  for token in argv[1:]:
+    if token == '--':
+      break
+    if token.startswith(prefix):
+      fields.append(token[len(prefix):].split('=', 1)[0])
+  return fields
+
+
+def check_config_overrides(argv: Sequence[str]) -> None:
+  """Refuses, in one line, a `--config.x.y` override of a field that the config does not have.
+
+  Args:
+    argv: the command line after `rewrite_argv` (so `--config` holds a file path).
+
+  Raises:
+    ConfigError: naming the unknown field and the close matches among the config's fields.
+  """
+  fields = _override_fields(argv)
+  path = None
+  for position, token in enumerate(argv):
+    if token in ('--' + CONFIG_FLAG, '-' + CONFIG_FLAG) and position + 1 < len(argv):
+      path = argv[position + 1]
+    elif token.startswith('--' + CONFIG_FLAG + '='):
+      path = token.split('=', 1)[1]
+  if not fields or path is None or not os.path.isfile(path):
+    return  # absl reports a missing config itself
+  config = runpy.run_path(path)['get_config']()
+  for field in fields:
+    node, walked = config, []
+    for part in field.split('.'):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        where = '.'.join(walked) or 'the config'
+        close = difflib.get_close_matches(part, keys, n=3)
+        raise errors.ConfigError(
+            f'--config.{field}: {where} has no field {part!r}'
+            f'{" (did you mean " + " or ".join(close) + "?)" if close else ""}; its fields: '
+            f'{", ".join(sorted(keys))}.')
+      node = node[part]
+      walked.append(part)
+
+
 def report_user_errors(fn: Callable[..., Any], *args, **kwargs) -> Any:
   """Calls fn; a `errors.UserError` becomes `SystemExit('<ErrorType>: <message>')` (exit 1).
 
@@ -124,6 +171,7 @@ def run(main: Callable[[list[str]], Any], argv: Optional[Sequence[str]] = None) 
   argv = list(sys.argv if argv is None else argv)
   try:
     argv = rewrite_argv(argv)
+    check_config_overrides(argv)
   except errors.UserError as e:
     raise SystemExit(f'{type(e).__name__}: {e}') from None
   app.run(main, argv=argv)

@@ -59,3 +59,17 @@ def resolve_under(root: Optional[str], path: str) -> str:
   if os.path.isabs(path) or not root:
     return path
   return os.path.join(root, path)
+
+
+def synthetic_enabled(config) -> bool:
+  """Whether a config trains on generated data (`data.synthetic.enabled`)."""
+  synth = config.data.get('synthetic')
+  return synth is not None and bool(synth.enabled)
+
+
+def config_data_root(config) -> str:
+  """The data root of a run's config: data.root, else $VPR_DATA_ROOT; for a config of generated
+  data (the demo) the folder it was generated in (~/.cache/vpr_jax without a root)."""
+  if synthetic_enabled(config):
+    return synthetic_data_root(config.data.root)
+  return resolve_data_root(config.data.root)

@@ -62,7 +62,7 @@ class EvalResult:
 
 def evaluate_dataset(model, variables, benchmark, image_size, batch_size: int,
                      num_workers: int = 0, ns: Iterable[int] = search.RECALL_NS,
-                     mesh: Optional[Mesh] = None) -> EvalResult:
+                     mesh: Optional[Mesh] = None, progress: bool = True) -> EvalResult:
   """Descriptors, search and Recall@N of one benchmark set.
 
   Every process computes all descriptors on its own local devices (a multi-host run gets the same
@@ -78,6 +78,7 @@ def evaluate_dataset(model, variables, benchmark, image_size, batch_size: int,
     num_workers: decoding worker processes.
     ns: the N of Recall@N.
     mesh: evaluation mesh; default `eval_mesh(batch_size)`.
+    progress: show a progress bar of the images embedded (process 0, stderr).
 
   Returns:
     An `EvalResult`.
@@ -94,7 +95,8 @@ def evaluate_dataset(model, variables, benchmark, image_size, batch_size: int,
   # One pass over database then queries: worker processes start once per dataset.
   all_descriptors = descriptors.compute_descriptors(
       model, variables, benchmark.root, list(benchmark.database_paths) +
-      list(benchmark.queries_paths), image_size, batch_size, num_workers, mesh=mesh)
+      list(benchmark.queries_paths), image_size, batch_size, num_workers, mesh=mesh,
+      progress=f'{benchmark.name}: embedding' if progress else None)
   database, queries = all_descriptors[:num_database], all_descriptors[num_database:]
   seconds['embed'] = time.perf_counter() - start
   start = time.perf_counter()

@@ -5,6 +5,7 @@ batches) -> `compute_descriptors` (jitted forward sharded over the local devices
 read while the device computes batch i) -> host float32 [N, D].
 """
 
+import sys
 from typing import Any, Callable, Optional, Sequence
 import weakref
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
+from tqdm import auto as tqdm
 
 from vpr_jax import parallel
 from vpr_jax.data import eval_pipeline
@@ -110,8 +112,8 @@ def replicate(variables, mesh: Mesh):
 
 
 def compute_descriptors(model, variables, root: str, paths: Sequence[str], image_size,
-                        batch_size: int, num_workers: int = 0, mesh: Optional[Mesh] = None
-                        ) -> np.ndarray:
+                        batch_size: int, num_workers: int = 0, mesh: Optional[Mesh] = None,
+                        progress: Optional[str] = None) -> np.ndarray:
   """Descriptors of the images `root/paths[i]`, computed in eval mode.
 
   Batches have a fixed size (the last one padded, padding dropped by its mask) so the forward
@@ -126,6 +128,8 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
     batch_size: images per batch.
     num_workers: decoding worker processes (0: in this process).
     mesh: evaluation mesh; default `eval_mesh(batch_size)`.
+    progress: label of a progress bar (images embedded) on stderr, shown by process 0 only;
+      None for none.
 
   Returns:
     float32 [len(paths), D], row i for paths[i].
@@ -157,6 +161,8 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
   iterator = eval_pipeline.make_eval_iterator(root, list(paths), tuple(image_size), batch_size,
                                               num_workers=num_workers)
   pending = None
+  bar = tqdm.tqdm(total=num_images, desc=progress, unit='img', leave=False, dynamic_ncols=True,
+                  file=sys.stderr, disable=progress is None or jax.process_index() != 0)
   for batch in iterator:
     images = np.asarray(batch['images'])
     mask = np.asarray(batch['mask'], bool)
@@ -173,8 +179,10 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
     if pending is not None:
       store(pending)
     pending = (outputs, mask, index)
+    bar.update(int(mask.sum()))
   if pending is not None:
     store(pending)
+  bar.close()
   if not filled.all():
     missing = [paths[i] for i in np.flatnonzero(~filled)[:5]]
     raise RuntimeError(f'{int((~filled).sum())} of {num_images} images under {root} got no '

@@ -11,10 +11,12 @@ from typing import Callable, Optional, Sequence
 from absl import logging
 import jax
 
+from vpr_jax import fileio
 from vpr_jax import visualize as visualize_lib
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.checkpoints import runs
 from vpr_jax.data import benchmarks
+from vpr_jax.data import roots
 from vpr_jax.data import workers
 from vpr_jax.errors import CheckpointMismatchError
 from vpr_jax.errors import CheckpointNotFoundError
@@ -23,6 +25,20 @@ from vpr_jax.evaluation import benchmark_eval
 from vpr_jax.evaluation import outputs
 from vpr_jax.evaluation import search
 from vpr_jax.models import vpr_model
+
+def check_arguments(batch_size: Optional[int], num_workers: Optional[int], visualize: int,
+                    visualize_k: int) -> None:
+  """The numeric options of `evaluate`, checked before any work (ConfigError names the flag)."""
+  if batch_size is not None and int(batch_size) < 1:
+    raise ConfigError(f'--batch_size must be a positive integer, got {batch_size}.')
+  if num_workers is not None and int(num_workers) < -1:
+    raise ConfigError(f'--num_workers must be -1 (one per CPU core), 0 (this process only) or a '
+                      f'positive number, got {num_workers}.')
+  if int(visualize) < 0:
+    raise ConfigError(f'--visualize must be >= 0 (the number of query sheets), got {visualize}.')
+  if int(visualize_k) < 1:
+    raise ConfigError(f'--visualize_k must be >= 1, got {visualize_k}.')
+
 
 def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None,
              data_root: str = '', *, config=None, batch_size: Optional[int] = None,
@@ -57,9 +73,17 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
     runs_dir = runs.default_runs_dir()
     checkpoint = runs.find_latest_run(runs_dir)
     if checkpoint is None:
-      raise CheckpointNotFoundError(f'No --checkpoint given and no run with a checkpoint under '
-                              f'{os.path.abspath(runs_dir)} (set $VPR_RUNS_DIR or pass '
-                              '--checkpoint).')
+      raise CheckpointNotFoundError(
+          f'No --checkpoint given and no run with a checkpoint under '
+          f'{os.path.abspath(runs_dir)} (set $VPR_RUNS_DIR or pass --checkpoint).')
+  check_arguments(batch_size, num_workers, visualize, visualize_k)
+  # Every result file is checked before the (long) evaluation, so that none is lost at its end.
+  for path, flag in ((output, '--output'), (save_descriptors_to, '--save_descriptors'),
+                     (save_predictions_to, '--save_predictions')):
+    if path:
+      fileio.check_output_path(path, flag)
+  if visualize:
+    fileio.check_output_folder(visualize_dir or 'visualizations', '--visualize_dir')
   checkpoint_config, variables, step = orbax_states.load_for_eval(checkpoint)
   print_fn(f'Checkpoint: {os.path.abspath(checkpoint)} (step {step})')
   if config is None:
@@ -70,7 +94,7 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
   datasets = list(datasets) if datasets else list(config.data.val_datasets)
   if not datasets:
     raise ConfigError('No dataset to evaluate: pass --dataset.')
-  batch_size = int(batch_size or config.data.eval_batch_size)
+  batch_size = int(batch_size if batch_size is not None else config.data.eval_batch_size)
   num_workers = workers.resolve_num_workers(
       config.data.num_workers if num_workers is None else num_workers)
   image_size = tuple(int(s) for s in config.image_size)
@@ -87,6 +111,8 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
           'the given config; evaluate without --config, or with the config the checkpoint was '
           'trained with. Differences:\n  ' + '\n  '.join(differences))
   root = data_root or config.data.root
+  if not root and roots.synthetic_enabled(config):
+    root = roots.synthetic_data_root()  # where the demo generated its data
 
   results = []
   for name in datasets:

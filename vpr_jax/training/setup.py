@@ -72,22 +72,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'{name} must be >= 0, got {config[name]}.')
 
 
-def synthetic_enabled(config: ml_collections.ConfigDict) -> bool:
-  """Whether the config trains on generated data (`data.synthetic.enabled`)."""
-  synth = config.data.get('synthetic')
-  return synth is not None and bool(synth.enabled)
-
-
-def resolve_data_root(config: ml_collections.ConfigDict) -> str:
-  """config.data.root, else $VPR_DATA_ROOT; synthetic runs fall back to ~/.cache/vpr_jax."""
-  if synthetic_enabled(config):
-    return roots.synthetic_data_root(config.data.root)
-  return roots.resolve_data_root(config.data.root)
-
-
 def maybe_make_synthetic_data(config: ml_collections.ConfigDict, data_root: str) -> None:
   """Generates the synthetic dataset under <data root>/<data.synthetic.dir> once, if enabled."""
-  if not synthetic_enabled(config):
+  if not roots.synthetic_enabled(config):
     return
   synth = config.data.synthetic
   out = roots.resolve_under(data_root, synth.dir)
@@ -237,7 +224,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   process_index, process_count = jax.process_index(), jax.process_count()
 
   # Data locations, checked before anything heavy happens.
-  data_root = resolve_data_root(config)
+  data_root = roots.config_data_root(config)
   maybe_make_synthetic_data(config, data_root)
   for name in config.data.val_datasets:
     benchmarks.resolve_benchmark_dir(name, data_root)
