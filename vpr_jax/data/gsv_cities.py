@@ -68,6 +68,9 @@ _IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 _MAX_LISTED = 5
 # Headings outside this range are real (the GSV metadata has -11 to 731): counted, kept as is.
 _HEADING_RANGE = (0, 360)
+# Place fields of '@' names: '<id>_<City>' and '<id>' or '<id>_<anything>'.
+_PLACE_OF_CITY = re.compile(r'(\d+)_(.+)')
+_PLACE_NUMBER = re.compile(r'(\d+)(?:_.+)?')
 # Odd-but-usable values, as named in the stats table.
 ODD_HEADING = 'headings outside [0, 360] (kept as is)'
 ODD_HEADING_TEXT = 'headings that are not integers (kept as is)'
@@ -287,16 +290,21 @@ def _parse_float(text: str, column: str, path: str, line: int | None, bound: flo
 
 
 def _check_conflicts(seen: dict, place_key: str, panoid: str, meta: tuple, origin: str,
-                     describe: str):
-  """Two images of one place from the same panorama must agree on date and position."""
+                     describe: str, folder: str = ''):
+  """Two images of one place from the same panorama must agree on date and position.
+
+  `origin` names the row or file; with `folder`, it is a file name in that folder.
+  """
   key = (place_key, panoid)
   previous = seen.get(key)
   if previous is None:
     seen[key] = (meta, origin)
   elif previous[0] != meta:
+    first, second = ((repr(os.path.join(folder, previous[1])), repr(os.path.join(folder, origin)))
+                     if folder else (previous[1], origin))
     raise DatasetError(
-        f'Conflicting entries for place {place_key} (panorama {panoid!r}): {previous[1]} says '
-        f'{describe} = {previous[0]}, {origin} says {meta}. Two places may share one id.')
+        f'Conflicting entries for place {place_key} (panorama {panoid!r}): {first} says '
+        f'{describe} = {previous[0]}, {second} says {meta}. Two places may share one id.')
 
 
 def _scan_gsv_cities_city(train_dir: str, city: str) -> tuple[tuple, str]:
@@ -357,8 +365,6 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
     month = _parse_int(row[col['month']], 'month', csv_path, line, 1, 12)
     # Any integer: it is only needed to spell the image name (real headings span -11 to 731).
     northdeg = _parse_int(row[col['northdeg']], 'northdeg', csv_path, line)
-    if not _HEADING_RANGE[0] <= northdeg <= _HEADING_RANGE[1]:
-      records.odd[ODD_HEADING] += 1
     lat_text, lon_text = row[col['lat']].strip(), row[col['lon']].strip()
     lat = _parse_float(lat_text, 'lat', csv_path, line, 90.0)
     lon = _parse_float(lon_text, 'lon', csv_path, line, 180.0)
@@ -384,6 +390,8 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
       records.odd[ODD_REPEATED_ROW] += 1
       continue
     seen_names[name] = line
+    if not _HEADING_RANGE[0] <= northdeg <= _HEADING_RANGE[1]:
+      records.odd[ODD_HEADING] += 1
     place_key = str(place_id)
     _check_conflicts(seen_panoramas, place_key, panoid, (year, month, lat, lon),
                      f'{csv_path}, line {line}', '(year, month, lat, lon)')
@@ -406,19 +414,28 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
   return records
 
 
-def _parse_xs_name(name: str, path: str) -> tuple[str, str, int, float, str | None]:
+_XS_NUMBERS = ((1, 'UTM_east', 1e8), (2, 'UTM_north', 1e8), (5, 'lat', 90.0), (6, 'lon', 180.0))
+
+
+def _parse_xs_name(name: str, folder: str) -> tuple[str, str, int, float, str | None]:
   """Returns (place field, panoid, year * 100 + month, lat, oddity or None) of a GSV-XS name."""
-  ext = os.path.splitext(name)[1]
+  # The full path is only built for an error message: this runs once per training image.
   tokens = name.split('@')
-  if (ext.lower() not in _IMAGE_EXTENSIONS or len(tokens) != 16 or tokens[0] or
-      tokens[-1].lower() not in _IMAGE_EXTENSIONS):
+  if len(tokens) != 16 or tokens[0] or tokens[-1].lower() not in _IMAGE_EXTENSIONS:
     raise DatasetError(
-        f'File name {path!r} does not parse as a GSV-XS image name '
+        f'File name {os.path.join(folder, name)!r} does not parse as a GSV-XS image name '
         '@UTM_east@UTM_north@zone@band@lat@lon@panoid@@northdeg@@@@YYYYMM@place_id@.jpg.')
-  for i, field, bound in ((1, 'UTM_east', 1e8), (2, 'UTM_north', 1e8), (5, 'lat', 90.0),
-                          (6, 'lon', 180.0)):
-    _parse_float(tokens[i], field, path, None, bound)
-  lat = float(tokens[5])
+  try:
+    east, north, lat, lon = (float(tokens[1]), float(tokens[2]), float(tokens[5]),
+                             float(tokens[6]))
+    # False for NaN and infinities too.
+    usable = abs(east) <= 1e8 and abs(north) <= 1e8 and abs(lat) <= 90.0 and abs(lon) <= 180.0
+  except ValueError:
+    usable = False
+  if not usable:
+    path = os.path.join(folder, name)
+    for i, field, bound in _XS_NUMBERS:
+      _parse_float(tokens[i], field, path, None, bound)
   # The heading is not used: any text is accepted, integers outside [0, 360] are only counted.
   oddity = None
   try:
@@ -429,15 +446,17 @@ def _parse_xs_name(name: str, path: str) -> tuple[str, str, int, float, str | No
     oddity = ODD_HEADING_TEXT
   year_month = tokens[13]
   if len(year_month) != 6 or not year_month.isdigit():
-    raise DatasetError(f'{path!r}: the date field must be YYYYMM, got {year_month!r}.')
+    raise DatasetError(f'{os.path.join(folder, name)!r}: the date field must be YYYYMM, got '
+                       f'{year_month!r}.')
   year, month = int(year_month[:4]), int(year_month[4:])
   if not 1 <= month <= 12:
-    raise DatasetError(f'{path!r}: month must be in [1, 12], got {month} in {year_month!r}.')
+    raise DatasetError(f'{os.path.join(folder, name)!r}: month must be in [1, 12], got {month} '
+                       f'in {year_month!r}.')
   place, panoid = tokens[14], tokens[7]
   if not place:
-    raise DatasetError(f'{path!r}: empty place_id field.')
+    raise DatasetError(f'{os.path.join(folder, name)!r}: empty place_id field.')
   if not panoid:
-    raise DatasetError(f'{path!r}: empty panoid field.')
+    raise DatasetError(f'{os.path.join(folder, name)!r}: empty panoid field.')
   return place, panoid, year * 100 + month, lat, oddity
 
 
@@ -458,20 +477,20 @@ def _parse_gsv_xs_city(train_dir: str, city: str, listing: list[str]) -> _CityRe
   seen_panoramas = {}
   bad_names = []
   for name in listing:
-    path = os.path.join(folder, name)
     if not name.lower().endswith(_IMAGE_EXTENSIONS):
       records.odd[ODD_NOT_AN_IMAGE] += 1
       continue
     try:
-      place, panoid, date, lat, oddity = _parse_xs_name(name, path)
+      place, panoid, date, lat, oddity = _parse_xs_name(name, folder)
     except DatasetError as e:
       bad_names.append(str(e))
       continue
-    match = re.fullmatch(r'(\d+)_(.+)', place)
+    match = _PLACE_OF_CITY.fullmatch(place) if '_' in place else None
     if match and match.group(2).lower() != city.lower():
-      raise DatasetError(f'{path!r}: the place field {place!r} names city {match.group(2)!r}, '
-                         f'but the file is in the folder of city {city!r}.')
-    _check_conflicts(seen_panoramas, place, panoid, (date, lat), repr(path), '(YYYYMM, lat)')
+      raise DatasetError(f'{os.path.join(folder, name)!r}: the place field {place!r} names city '
+                         f'{match.group(2)!r}, but the file is in the folder of city {city!r}.')
+    _check_conflicts(seen_panoramas, place, panoid, (date, lat), name, '(YYYYMM, lat)',
+                     folder=folder)
     if oddity is not None:
       records.odd[oddity] += 1
     records.names.append(f'{city}/{name}')
@@ -493,7 +512,7 @@ def _local_place_ids(keys: Sequence[str]) -> np.ndarray:
   """Integer ids of place fields: the integer itself (also in '<int>_<City>'), else sorted rank."""
   numbers = []
   for key in keys:
-    match = re.fullmatch(r'(\d+)(?:_.+)?', key)
+    match = _PLACE_NUMBER.fullmatch(key)
     if match is None:
       unique = sorted(set(keys))
       rank = {k: i for i, k in enumerate(unique)}
