@@ -12,9 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import default
 from vpr_jax.data import gsv_cities
-from vpr_jax.data import train_pipeline
 from vpr_jax.data.gsv_cities import DatasetError
 
 COLUMNS = ('place_id', 'year', 'month', 'northdeg', 'city_id', 'lat', 'lon', 'panoid')
@@ -588,12 +586,6 @@ def test_error_images_per_place_above_the_places(gsv_root):
   with pytest.raises(DatasetError, match=r'images_per_place=5 exceeds the images of 3 of the 5 '
                      r'places.*min_img_per_place >= 5'):
     gsv_cities.check_images_per_place(index, 5)
-  # The train pipeline checks it before anything else.
-  config = default.get_config()
-  config.data.places_per_batch = 2
-  config.data.images_per_place = 7
-  with pytest.raises(DatasetError, match='images_per_place=7'):
-    train_pipeline.make_train_iterator(index, config, seed=0, num_workers=0)
 
 
 def test_error_min_img_per_place_above_every_place_names_the_largest(gsv_root, tmp_path):
