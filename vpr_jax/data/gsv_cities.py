@@ -20,12 +20,16 @@ Two layouts are read:
   GSV-XS release (the integer is the place id), or any other text (places are then numbered in
   sorted order of that text). Files without an image extension (.jpg, .jpeg, .png) are ignored.
 
-Only what the project uses, or needs to find an image, is checked: place ids, dates (the "most
-recent" order), latitudes (its tie-break), panorama ids, the UTM fields of '@' names, and the
-heading of the CSV layout, which is part of the image name. The heading (northdeg) is kept as it
-is: the real metadata holds headings from -11 to 731 (about a fifth of them outside [0, 360]).
-Values that are odd but usable (such headings, repeated CSV rows, images no CSV row names) are
-counted in `PlaceIndex.odd_values` and shown once in the stats table, not refused.
+Checked are only what the project uses or needs to find an image, with bounds that real data
+cannot break: place ids (integers >= 0), dates (year and month 1-12: the "most recent" order),
+lat/lon (finite, within +-90 / +-180; the latitude breaks ties of that order), UTM east/north of
+'@' names (finite, within +-1e8 m), panorama ids (non-empty; one panorama of one place has one
+date and position), the CSV's city_id, and the heading of the CSV layout, which is part of the
+image name and so must be an integer. Any integer heading (northdeg) is accepted and kept as it
+is: the real metadata holds headings from -11 to 731 (a fifth of them outside [0, 360]); an '@'
+name's heading is not read at all. Values that are odd but usable (such headings, repeated CSV
+rows, images that no CSV row names, non-image files) are counted in `PlaceIndex.odd_values` and
+shown once in the stats table, not refused or logged per file.
 
 City names from the config are matched to the CSV files / city folders exactly, or else ignoring
 case (the GSV-XS folders are lower-cased).
@@ -104,7 +108,8 @@ class PlaceIndex:
     num_dropped_images: their images.
     fingerprint: hex hash of the arguments and the listing (the cache key).
     odd_values: (what, count) pairs of values that are odd but usable (e.g. headings outside
-      [0, 360]), counted over every image read, for the stats table.
+      [0, 360]), counted over the files read (before small places are dropped), for the stats
+      table.
   """
   root: str
   layout: str
