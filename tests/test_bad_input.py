@@ -184,6 +184,57 @@ def test_cli_reports_the_file_and_line_and_writes_nothing(data_copy, tmp_path, t
   assert not workdir.exists()
 
 
+# Mistakes that used to give a traceback (link loop, UTM overflow, K) or silently wrong numbers
+# (a NaN radius: no positive, recalls of 0). Each is an error the entry points print as one line.
+def _symbolic_link_loop(root):
+  loop = os.path.join(root, TRAIN_DIR, 'Images', 'SynthA', 'loop.jpg')
+  os.symlink('loop.jpg', loop)
+  return {}, re.escape(repr(loop)) + ' is a symbolic link loop'
+
+
+def _utm_overflow(root):
+  queries = os.path.join(root, 'synthetic', 'synthetic_val', 'queries')
+  first = sorted(os.listdir(queries))[0]
+  fields = first.split('@')
+  fields[1] = '1e308'
+  os.rename(os.path.join(queries, first), os.path.join(queries, '@'.join(fields)))
+  return {}, r"UTM_east '1e308' in the file name 'queries/@1e308@.*expected a finite number"
+
+
+def _radius(value):
+
+  def breaks(root):
+    del root
+    return ({'data__positive_radius_m': value},
+            r'positive radius \(data.positive_radius_m\) is .*expected a finite number of '
+            'metres >= 0')
+
+  return breaks
+
+
+def _images_per_place_above_every_place(root):
+  return ({'data__images_per_place': 64},
+          r'images_per_place=64 exceeds the images of every place.*largest place has')
+
+
+USER_MISTAKES = {
+    'symbolic link loop': _symbolic_link_loop,
+    'UTM value 1e308': _utm_overflow,
+    'negative radius': _radius(-25.0),
+    'NaN radius': _radius(float('nan')),
+    'K above every place': _images_per_place_above_every_place,
+}
+
+
+@pytest.mark.parametrize('case', list(USER_MISTAKES))
+def test_user_mistakes_are_one_line_errors(case, data_copy, tmp_path):
+  changes, pattern = USER_MISTAKES[case](data_copy)
+  workdir = tmp_path / 'run'
+  with pytest.raises(errors.UserError, match=pattern):
+    loop.train_and_evaluate(_config(data_copy, **changes), str(workdir))
+  assert not workdir.exists(), sorted(os.listdir(workdir))
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad training images.
 

@@ -1,9 +1,11 @@
 """Tests for vpr_jax.data.benchmarks: positives, the seed's SF-XS ground truth, errors."""
 
 import json
+import logging
 import lzma
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -253,3 +255,85 @@ def test_precomputed_lists_are_checked(tmp_path):
   # Ignoring the lists falls back to the names.
   bench = benchmarks.load_benchmark(str(split_dir), use_precomputed=False, use_cache=False)
   assert bench.positives[0].tolist() == [0] and bench.source == 'names'
+
+
+# The real SF-XS mini set (40 real images, 20 places seen in two years).
+
+REAL_SF_XS_MINI = (pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'real'
+                   / 'sf_xs_mini')
+
+
+@pytest.fixture
+def real_sf_xs_mini(tmp_path):
+  """A data root whose sf_xs/val is a copy of the real mini set (the original is read-only)."""
+  if not (REAL_SF_XS_MINI / 'database').is_dir():
+    pytest.skip(f'the real SF-XS mini set is not at {REAL_SF_XS_MINI}')
+  shutil.copytree(REAL_SF_XS_MINI, tmp_path / 'root' / 'sf_xs' / 'val')
+  return tmp_path / 'root'
+
+
+def test_real_sf_xs_mini_through_the_registry(real_sf_xs_mini):
+  bench = benchmarks.load_benchmark('sf_xs_val', str(real_sf_xs_mini))
+  assert (bench.num_database, bench.num_queries) == (20, 20)
+  assert bench.num_without_positives == 0 and bench.num_queries_in_database == 0
+  # Brute force over the names: each query has exactly one database image within 25 m, 0-7 m
+  # away, from another panorama taken no later (one pair shares the month 201412).
+  distances = np.linalg.norm(bench.queries_utm[:, None] - bench.database_utm[None], axis=-1)
+  for q, positives in enumerate(bench.positives):
+    assert positives.tolist() == np.flatnonzero(distances[q] <= 25.0).tolist()
+    assert len(positives) == 1 and distances[q, positives[0]] <= 7.0
+    database_fields = bench.database_paths[positives[0]].split('@')
+    query_fields = bench.queries_paths[q].split('@')
+    assert database_fields[7] != query_fields[7] and database_fields[13] <= query_fields[13]
+  assert sorted(int(p[0]) for p in bench.positives) == list(range(20))
+  again = benchmarks.load_benchmark('sf_xs_val', str(real_sf_xs_mini))
+  assert [p.tolist() for p in again.positives] == [p.tolist() for p in bench.positives]
+
+
+# Mistakes that give one line, not a traceback or wrong numbers.
+
+
+def test_utm_out_of_range_is_named(tmp_path):
+  # 1e308 is finite, but its squared distances overflow the k-d tree.
+  bad = '@1e308@4177604.74@10@S@037.74468@-122.50057@pano@@0@@@@201104@@.jpg'
+  _touch_split(tmp_path / 'split', [f'database/{_name(0, 0)}', f'database/{bad}'],
+               [f'queries/{_name(1, 1)}'])
+  with pytest.raises(benchmarks.MalformedDatasetError,
+                     match=r"UTM_east '1e308' in the file name 'database/@1e308.*finite number of "
+                           r"metres within \+-1e\+08"):
+    benchmarks.load_benchmark(str(tmp_path / 'split'))
+  with pytest.raises(ValueError, match='UTM_north'):
+    benchmarks.parse_utm('@0.0@-2e8@10@S@0@0@p@@0@@@@201104@@.jpg')
+
+
+@pytest.mark.parametrize('radius', [-5.0, float('nan'), float('inf'), 'far'])
+def test_bad_radius_is_refused(tmp_path, radius):
+  _touch_split(tmp_path / 'split', [f'database/{_name(0, 0)}'], [f'queries/{_name(1, 1)}'])
+  pattern = (r'positive radius \(data.positive_radius_m\) is .*: expected a finite number of '
+             r'metres >= 0')
+  with pytest.raises(benchmarks.InvalidRadiusError, match=pattern):
+    benchmarks.load_benchmark(str(tmp_path / 'split'), radius_m=radius)
+  with pytest.raises(benchmarks.InvalidRadiusError, match=pattern):
+    benchmarks.compute_positives(np.zeros((1, 2)), np.zeros((1, 2)), radius)
+  # Printed as one line by the entry points, as the other dataset errors.
+  assert issubclass(benchmarks.InvalidRadiusError, benchmarks.MalformedDatasetError)
+
+
+def test_zero_radius_is_allowed():
+  positives = benchmarks.compute_positives(np.array([[0.0, 0.0], [1.0, 0.0]]),
+                                           np.array([[0.0, 0.0]]), 0.0)
+  assert positives[0].tolist() == [0]
+
+
+def test_queries_that_are_database_images_are_counted_and_warned(tmp_path, caplog):
+  shared = [_name(0, 0), _name(50, 0)]
+  _touch_split(tmp_path / 'split', [f'database/{n}' for n in shared + [_name(100, 0)]],
+               [f'queries/{n}' for n in shared + [_name(200, 0)]])
+  with caplog.at_level(logging.WARNING):
+    bench = benchmarks.load_benchmark(str(tmp_path / 'split'), use_cache=False)
+  assert bench.num_queries_in_database == 2
+  assert bench.summary()['num_queries_in_database'] == 2
+  assert [p.tolist() for p in bench.positives] == [[0], [1], []]  # Still evaluated as queries.
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any('2 of 3 queries have the file name of a database image' in w for w in warnings), (
+      warnings)

@@ -309,7 +309,8 @@ def test_errors(index, data_root):
     train_pipeline.make_train_iterator(index, _config(), seed=0, process_count=3)
   with pytest.raises(ValueError, match='process_index=2'):
     train_pipeline.make_train_iterator(index, _config(), seed=0, process_index=2, process_count=2)
-  with pytest.raises(ValueError, match='images_per_place=5 exceeds'):
+  # A user mistake (one line from the entry points), naming what to change.
+  with pytest.raises(gsv_cities.DatasetError, match='images_per_place=5 exceeds.*smallest has 4'):
     train_pipeline.make_train_iterator(index, _config(images_per_place=5), seed=0)
   with pytest.raises(ValueError, match='fewer than data.places_per_batch=13'):
     train_pipeline.make_train_iterator(index, _config(places_per_batch=13), seed=0)

@@ -29,6 +29,10 @@ class MalformedDatasetError(UserError, ValueError):
   """A benchmark folder exists but its content is not usable (empty, bad names, bad lists)."""
 
 
+class InvalidRadiusError(ConfigError):
+  """The positive radius (config data.positive_radius_m) is not a finite number >= 0."""
+
+
 class PreparedDataError(UserError, ValueError):
   """A prepared folder is missing, incomplete, or does not match what was asked for."""
 

@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vpr_jax import config_fields
 from vpr_jax.cli import common
 from vpr_jax.conversion import converter
 from vpr_jax.conversion import mapping
@@ -36,6 +37,7 @@ flags.mark_flags_as_required(['config', 'torch_checkpoint', 'out'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config_fields.split_comma_separated(FLAGS.config)
   config, variables = common.report_user_errors(
       converter.convert_checkpoint, FLAGS.config, FLAGS.torch_checkpoint, FLAGS.out,
       kind=FLAGS.kind, allow_unsafe_pickle=FLAGS.allow_unsafe_pickle, overwrite=FLAGS.overwrite)

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vpr_jax import config_fields
 from vpr_jax.cli import common
 from vpr_jax.evaluation import evaluate
 
@@ -54,6 +55,8 @@ _VISUALIZE_DIR = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is not None:
+    config_fields.split_comma_separated(_CONFIG.value)
   common.report_user_errors(
       evaluate.evaluate,
       _CHECKPOINT.value or None,

@@ -15,6 +15,7 @@ when started again with the same arguments; the output folder appears only when 
 from absl import flags
 from ml_collections import config_flags
 
+from vpr_jax import config_fields
 from vpr_jax import fileio
 from vpr_jax.cli import common
 from vpr_jax.data import gsv_cities
@@ -88,6 +89,7 @@ def prepare_from_flags(argv) -> None:
   if len(argv) > 1:
     raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}.')
   config = FLAGS.config
+  config_fields.split_comma_separated(config)
   if FLAGS.image_size is not None and FLAGS.short_side is not None:
     raise ConfigError('give --image_size or --short_side, not both.')
   check_arguments(FLAGS.short_side, FLAGS.quality, FLAGS.num_workers, FLAGS.records_per_shard)

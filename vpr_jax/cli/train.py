@@ -23,6 +23,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vpr_jax import config_fields
 from vpr_jax import parallel
 from vpr_jax.checkpoints import runs
 from vpr_jax.cli import common
@@ -54,6 +55,7 @@ def main(argv, hooks=()):
   # Before any other JAX call: joins the other processes of a multi-host launch.
   parallel.maybe_initialize_distributed()
   config = FLAGS.config
+  config_fields.split_comma_separated(config)  # --config.data.cities=Bangkok,Barcelona
   if FLAGS.data_root is not None:
     config.data.root = FLAGS.data_root
   workdir = FLAGS.workdir

@@ -8,8 +8,11 @@ Layout of a benchmark split (SF-XS, Tokyo-XS, the gmberton-style sets and the sy
 with the position in the file name, '@'-separated: `@UTM_east@UTM_north@zone@band@lat@lon@...@.jpg`
 (fields 1 and 2 after splitting the base name on '@'; sub-folders below database/ and queries/ are
 allowed). The positives of a query are the database images whose UTM position lies within
-`radius_m` (25 m, inclusive) of it, found with a k-d tree. Queries without any positive stay in
-the Recall@N denominator; how many there are is reported (`num_without_positives`).
+`radius_m` (25 m, inclusive; a finite number >= 0) of it, found with a k-d tree. Queries without
+any positive stay in the Recall@N denominator; how many there are is reported
+(`num_without_positives`). UTM values must be finite and within +-1e8 m (real ones are below 1e7).
+Queries whose file name is also in the database (the same image on both sides, which makes
+Recall@1 trivial for them) are counted (`num_queries_in_database`) and logged as a warning.
 
 Registered names, relative to the data root (the layouts of the SF-XS and Tokyo-XS releases used
 by mldl24-vpr, whose loaders read `sf_xs/{val,test}/` and `tokyo_xs/test/` and the image lists
@@ -37,15 +40,18 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import math
 import os
 import tempfile
 from typing import Sequence
 
+from absl import logging
 import numpy as np
 from scipy.spatial import cKDTree
 
 from vpr_jax.data import roots
 from vpr_jax.errors import DatasetNotFoundError
+from vpr_jax.errors import InvalidRadiusError
 from vpr_jax.errors import MalformedDatasetError
 
 REGISTRY = {
@@ -57,6 +63,9 @@ REGISTRY = {
 }
 CACHE_DIR_ENV = 'VPR_JAX_CACHE_DIR'
 DEFAULT_RADIUS_M = 25.0
+# |UTM east/north| above this is not a position on Earth (real ones are below 1e7 m); far larger
+# values overflow the squared distances of the k-d tree.
+MAX_ABS_UTM_M = 1e8
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 _CACHE_VERSION = 1
 
@@ -81,6 +90,8 @@ class BenchmarkSet:
     radius_m: the positive radius (None when precomputed ground truth was used).
     source: 'names' or the path prefix of the precomputed lists.
     listing_sha1: fingerprint of the ordered path lists (to record with results).
+    num_queries_in_database: queries whose file name is also a database image's (the same
+      image on both sides): allowed, counted, and logged as a warning.
   """
   name: str
   root: str
@@ -92,6 +103,7 @@ class BenchmarkSet:
   radius_m: float | None
   source: str
   listing_sha1: str
+  num_queries_in_database: int = 0
 
   @property
   def num_database(self) -> int:
@@ -116,6 +128,7 @@ class BenchmarkSet:
         'name': self.name, 'root': self.root, 'num_database': self.num_database,
         'num_queries': self.num_queries, 'num_without_positives': self.num_without_positives,
         'radius_m': self.radius_m, 'source': self.source, 'listing_sha1': self.listing_sha1,
+        'num_queries_in_database': self.num_queries_in_database,
     }
 
   def __repr__(self) -> str:
@@ -200,12 +213,15 @@ def parse_utm(path: str) -> tuple[float, float]:
     if len(fields) < 3:
       raise ValueError('too few fields')
     east, north = float(fields[1]), float(fields[2])
-    if not (np.isfinite(east) and np.isfinite(north)):
-      raise ValueError('not finite')
   except ValueError:
     raise ValueError(
         f'cannot read UTM coordinates from the file name {path!r}: expected '
         f'"@UTM_east@UTM_north@zone@band@lat@lon@...@.jpg"') from None
+  for field, text, value in (('UTM_east', fields[1], east), ('UTM_north', fields[2], north)):
+    if not (np.isfinite(value) and abs(value) <= MAX_ABS_UTM_M):
+      raise ValueError(
+          f'{field} {text!r} in the file name {path!r} is not a position: expected a finite '
+          f'number of metres within +-{MAX_ABS_UTM_M:g}')
   return east, north
 
 
@@ -221,6 +237,30 @@ def parse_utm_list(paths: Sequence[str], where: str, strict: bool = True) -> np.
   return utm
 
 
+def check_radius(radius_m) -> float:
+  """The positive radius as a float, checked.
+
+  Args:
+    radius_m: config data.positive_radius_m (metres).
+
+  Returns:
+    float(radius_m).
+
+  Raises:
+    InvalidRadiusError: not a number, NaN, infinite or negative (a NaN radius would silently
+      give no positive at all, hence recalls of 0).
+  """
+  try:
+    radius = float(radius_m)
+  except (TypeError, ValueError):
+    radius = math.nan
+  if not (math.isfinite(radius) and radius >= 0):
+    raise InvalidRadiusError(
+        f'positive radius (data.positive_radius_m) is {radius_m!r}: expected a finite number of '
+        f'metres >= 0 (the benchmarks use {DEFAULT_RADIUS_M:g}).')
+  return radius
+
+
 def compute_positives(database_utm: np.ndarray, queries_utm: np.ndarray,
                       radius_m: float = DEFAULT_RADIUS_M) -> list[np.ndarray]:
   """Database indices within `radius_m` (Euclidean, inclusive) of each query.
@@ -232,11 +272,13 @@ def compute_positives(database_utm: np.ndarray, queries_utm: np.ndarray,
 
   Returns:
     M sorted int64 arrays.
+
+  Raises:
+    InvalidRadiusError: `radius_m` is not a finite number >= 0.
   """
   database_utm = np.asarray(database_utm, dtype=np.float64).reshape(-1, 2)
   queries_utm = np.asarray(queries_utm, dtype=np.float64).reshape(-1, 2)
-  if radius_m < 0:
-    raise ValueError(f'radius_m must be >= 0, got {radius_m}')
+  radius_m = check_radius(radius_m)
   if len(queries_utm) == 0:
     return []
   if len(database_utm) == 0:
@@ -245,6 +287,20 @@ def compute_positives(database_utm: np.ndarray, queries_utm: np.ndarray,
   # The tree compares squared distances with radius**2 (<=), so the boundary is included.
   neighbours = tree.query_ball_point(queries_utm, r=float(radius_m), p=2.0, return_sorted=True)
   return [np.asarray(sorted(n), dtype=np.int64) for n in neighbours]
+
+
+def count_queries_in_database(database_paths: Sequence[str],
+                              queries_paths: Sequence[str]) -> int:
+  """How many queries have the file name (base name) of a database image."""
+  database_names = {os.path.basename(p) for p in database_paths}
+  return sum(1 for p in queries_paths if os.path.basename(p) in database_names)
+
+
+def _warn_queries_in_database(where: str, count: int, num_queries: int):
+  if count:
+    logging.warning('%s: %d of %d queries have the file name of a database image (the same '
+                    'image on both sides?); they are kept and evaluated as any query.', where,
+                    count, num_queries)
 
 
 def _listing_sha1(database_paths: Sequence[str], queries_paths: Sequence[str]) -> str:
@@ -417,7 +473,9 @@ def load_benchmark(name_or_path: str, data_root: str | None = None,
   Raises:
     DatasetNotFoundError: the split folder (or database/, queries/) is missing.
     MalformedDatasetError: no images, names without coordinates, inconsistent lists.
+    InvalidRadiusError: `radius_m` is not a finite number >= 0.
   """
+  radius_m = check_radius(radius_m)
   split_dir = resolve_benchmark_dir(name_or_path, data_root)
   _check_subfolders(split_dir, name_or_path)
   if precomputed_prefix is None and use_precomputed:
@@ -434,13 +492,16 @@ def load_benchmark(name_or_path: str, data_root: str | None = None,
           raise MalformedDatasetError(
               f'{precomputed_prefix}_*.npy lists {path!r}, which does not exist in {split_dir!r}.')
     where = f'benchmark {name_or_path!r}'
+    in_database = count_queries_in_database(database_paths, queries_paths)
+    _warn_queries_in_database(where, in_database, len(queries_paths))
     return BenchmarkSet(
         name=name_or_path, root=split_dir, database_paths=database_paths,
         queries_paths=queries_paths,
         database_utm=parse_utm_list(database_paths, where, strict=False),
         queries_utm=parse_utm_list(queries_paths, where, strict=False),
         positives=positives, radius_m=None, source=os.path.abspath(precomputed_prefix),
-        listing_sha1=_listing_sha1(database_paths, queries_paths))
+        listing_sha1=_listing_sha1(database_paths, queries_paths),
+        num_queries_in_database=in_database)
 
   database_paths = list_images(os.path.join(split_dir, 'database'), split_dir)
   queries_paths = list_images(os.path.join(split_dir, 'queries'), split_dir)
@@ -453,6 +514,8 @@ def load_benchmark(name_or_path: str, data_root: str | None = None,
   database_utm = parse_utm_list(database_paths, where)
   queries_utm = parse_utm_list(queries_paths, where)
   listing_sha1 = _listing_sha1(database_paths, queries_paths)
+  in_database = count_queries_in_database(database_paths, queries_paths)
+  _warn_queries_in_database(where, in_database, len(queries_paths))
   positives = None
   key = _cache_key(split_dir, listing_sha1, float(radius_m))
   if use_cache:
@@ -464,4 +527,5 @@ def load_benchmark(name_or_path: str, data_root: str | None = None,
   return BenchmarkSet(
       name=name_or_path, root=split_dir, database_paths=database_paths,
       queries_paths=queries_paths, database_utm=database_utm, queries_utm=queries_utm,
-      positives=positives, radius_m=float(radius_m), source='names', listing_sha1=listing_sha1)
+      positives=positives, radius_m=float(radius_m), source='names', listing_sha1=listing_sha1,
+      num_queries_in_database=in_database)

@@ -18,7 +18,18 @@ Two layouts are read:
 
   where the place field is unique within a city: an integer, or `<integer>_<City>` as in the
   GSV-XS release (the integer is the place id), or any other text (places are then numbered in
-  sorted order of that text).
+  sorted order of that text). Files without an image extension (.jpg, .jpeg, .png) are ignored.
+
+Checked are only what the project uses or needs to find an image, with bounds that real data
+cannot break: place ids (integers >= 0), dates (year and month 1-12: the "most recent" order),
+lat/lon (finite, within +-90 / +-180; the latitude breaks ties of that order), UTM east/north of
+'@' names (finite, within +-1e8 m), panorama ids (non-empty; one panorama of one place has one
+date and position), the CSV's city_id, and the heading of the CSV layout, which is part of the
+image name and so must be an integer. Any integer heading (northdeg) is accepted and kept as it
+is: the real metadata holds headings from -11 to 731 (a fifth of them outside [0, 360]); an '@'
+name's heading is not read at all. Values that are odd but usable (such headings, repeated CSV
+rows, images that no CSV row names, non-image files) are counted in `PlaceIndex.odd_values` and
+shown once in the stats table, not refused or logged per file.
 
 City names from the config are matched to the CSV files / city folders exactly, or else ignoring
 case (the GSV-XS folders are lower-cased).
@@ -35,8 +46,10 @@ folder listing (plus the CSV bytes), so adding, removing or renaming an image bu
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -56,10 +69,21 @@ CSV_COLUMNS = ('place_id', 'year', 'month', 'northdeg', 'city_id', 'lat', 'lon',
 CITY_ID_STRIDE = 10**5
 DEFAULT_CACHE_SUBDIR = '.vpr_jax_cache'
 # Bump when the cached arrays or the indexing rules change: old caches are then ignored.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 # How many offending files / rows an error message lists before summarising the rest.
 _MAX_LISTED = 5
+# Headings outside this range are real (the GSV metadata has -11 to 731): counted, kept as is.
+_HEADING_RANGE = (0, 360)
+# Place fields of '@' names: '<id>_<City>' and '<id>' or '<id>_<anything>'.
+_PLACE_OF_CITY = re.compile(r'(\d+)_(.+)')
+_PLACE_NUMBER = re.compile(r'(\d+)(?:_.+)?')
+# Odd-but-usable values, as named in the stats table.
+ODD_HEADING = 'headings outside [0, 360] (kept as is)'
+ODD_HEADING_TEXT = 'headings that are not integers (kept as is)'
+ODD_REPEATED_ROW = 'CSV rows repeating another row (indexed once)'
+ODD_UNLISTED_IMAGE = 'images that no CSV row names (ignored)'
+ODD_NOT_AN_IMAGE = 'files without an image extension (ignored)'
 
 
 def check_config(data_config) -> None:
@@ -91,6 +115,9 @@ class PlaceIndex:
     num_dropped_places: places dropped for having fewer than `min_img_per_place` images.
     num_dropped_images: their images.
     fingerprint: hex hash of the arguments and the listing (the cache key).
+    odd_values: (what, count) pairs of values that are odd but usable (e.g. headings outside
+      [0, 360]), counted over the files read (before small places are dropped), for the stats
+      table.
   """
   root: str
   layout: str
@@ -105,6 +132,7 @@ class PlaceIndex:
   num_dropped_places: int
   num_dropped_images: int
   fingerprint: str
+  odd_values: tuple[tuple[str, int], ...] = ()
 
   @property
   def num_places(self) -> int:
@@ -140,17 +168,47 @@ class PlaceIndex:
 # Listing and city resolution.
 
 
-def _list_files(folder: str) -> list[str]:
-  """Names of the regular files in `folder` (hidden ones skipped), sorted."""
-  with os.scandir(folder) as entries:
-    names = [e.name for e in entries if not e.name.startswith('.') and e.is_file()]
+def _unreadable(path: str, error: OSError) -> DatasetError:
+  """The one-line error for an entry that cannot be read (a symbolic link loop, no permission)."""
+  if error.errno == errno.ELOOP:
+    return DatasetError(f'{path!r} is a symbolic link loop ({error.strerror}); expected an image '
+                        'file or a folder. Remove the link or point it at a file.')
+  return DatasetError(f'{path!r} cannot be read: {error.strerror or error}.')
+
+
+def _list_entries(folder: str, want_dirs: bool) -> list[str]:
+  """Names of the regular files (or folders) in `folder` (hidden ones skipped), sorted."""
+  names = []
+  try:
+    with os.scandir(folder) as entries:
+      for entry in entries:
+        if entry.name.startswith('.'):
+          continue
+        try:
+          # Follows symbolic links: a link to an image counts, a link loop raises ELOOP.
+          wanted = entry.is_dir() if want_dirs else entry.is_file()
+        except OSError as e:
+          raise _unreadable(entry.path, e) from None
+        if wanted:
+          names.append(entry.name)
+  except OSError as e:
+    raise _unreadable(folder, e) from None
   names.sort()
   return names
 
 
+def _list_files(folder: str) -> list[str]:
+  """Names of the regular files in `folder` (hidden ones skipped), sorted."""
+  return _list_entries(folder, want_dirs=False)
+
+
 def _check_folder(path: str, what: str):
-  if not os.path.exists(path):
-    raise DatasetError(f'{what} {path!r} does not exist.')
+  try:
+    os.stat(path)
+  except FileNotFoundError:
+    raise DatasetError(f'{what} {path!r} does not exist.') from None
+  except OSError as e:
+    raise _unreadable(path, e) from None
   if not os.path.isdir(path):
     raise DatasetError(f'{what} {path!r} is not a folder.')
 
@@ -171,8 +229,7 @@ def available_cities(train_dir: str, layout: str) -> list[str]:
     frames = os.path.join(train_dir, 'Dataframes')
     _check_folder(frames, 'GSV-Cities Dataframes folder')
     return sorted(n[:-4] for n in _list_files(frames) if n.lower().endswith('.csv'))
-  with os.scandir(train_dir) as entries:
-    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
+  return _list_entries(train_dir, want_dirs=True)
 
 
 def _check_layout(layout: str):
@@ -213,19 +270,22 @@ class _CityRecords:
   place_keys: list[str] = dataclasses.field(default_factory=list)
   dates: list[int] = dataclasses.field(default_factory=list)
   lats: list[float] = dataclasses.field(default_factory=list)
+  odd: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 def _where(path: str, line: int | None) -> str:
   return f'{path}, line {line}' if line is not None else path
 
 
-def _parse_int(text: str, column: str, path: str, line: int | None, low: int, high: int) -> int:
+def _parse_int(text: str, column: str, path: str, line: int | None, low: int | None = None,
+               high: int | None = None) -> int:
+  """An integer field, optionally within [low, high] (None: unbounded)."""
   try:
     value = int(text.strip())
   except ValueError:
     raise DatasetError(
         f'{_where(path, line)}: {column} must be an integer, got {text!r}.') from None
-  if not low <= value <= high:
+  if (low is not None and value < low) or (high is not None and value > high):
     raise DatasetError(
         f'{_where(path, line)}: {column} must be in [{low}, {high}], got {value}.')
   return value
@@ -244,16 +304,21 @@ def _parse_float(text: str, column: str, path: str, line: int | None, bound: flo
 
 
 def _check_conflicts(seen: dict, place_key: str, panoid: str, meta: tuple, origin: str,
-                     describe: str):
-  """Two images of one place from the same panorama must agree on date and position."""
+                     describe: str, folder: str = ''):
+  """Two images of one place from the same panorama must agree on date and position.
+
+  `origin` names the row or file; with `folder`, it is a file name in that folder.
+  """
   key = (place_key, panoid)
   previous = seen.get(key)
   if previous is None:
     seen[key] = (meta, origin)
   elif previous[0] != meta:
+    first, second = ((repr(os.path.join(folder, previous[1])), repr(os.path.join(folder, origin)))
+                     if folder else (previous[1], origin))
     raise DatasetError(
-        f'Conflicting entries for place {place_key} (panorama {panoid!r}): {previous[1]} says '
-        f'{describe} = {previous[0]}, {origin} says {meta}. Two places may share one id.')
+        f'Conflicting entries for place {place_key} (panorama {panoid!r}): {first} says '
+        f'{describe} = {previous[0]}, {second} says {meta}. Two places may share one id.')
 
 
 def _scan_gsv_cities_city(train_dir: str, city: str) -> tuple[tuple, str]:
@@ -264,8 +329,11 @@ def _scan_gsv_cities_city(train_dir: str, city: str) -> tuple[tuple, str]:
   listing = _list_files(image_dir)
   if not listing:
     raise DatasetError(f'Image folder {image_dir!r} of city {city!r} is empty.')
-  with open(csv_path, 'rb') as f:
-    raw = f.read()
+  try:
+    with open(csv_path, 'rb') as f:
+      raw = f.read()
+  except OSError as e:
+    raise _unreadable(csv_path, e) from None
   digest = hashlib.sha256()
   digest.update(raw)
   digest.update('\n'.join(listing).encode('utf-8'))
@@ -309,7 +377,8 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
     place_id = _parse_int(row[col['place_id']], 'place_id', csv_path, line, 0, 10**9)
     year = _parse_int(row[col['year']], 'year', csv_path, line, 0, 9999)
     month = _parse_int(row[col['month']], 'month', csv_path, line, 1, 12)
-    northdeg = _parse_int(row[col['northdeg']], 'northdeg', csv_path, line, 0, 360)
+    # Any integer: it is only needed to spell the image name (real headings span -11 to 731).
+    northdeg = _parse_int(row[col['northdeg']], 'northdeg', csv_path, line)
     lat_text, lon_text = row[col['lat']].strip(), row[col['lon']].strip()
     lat = _parse_float(lat_text, 'lat', csv_path, line, 90.0)
     lon = _parse_float(lon_text, 'lon', csv_path, line, 180.0)
@@ -321,7 +390,7 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
     if not panoid:
       raise DatasetError(f'{csv_path}, line {line}: empty panoid.')
     # The reference writes lat/lon with str() of the parsed float; fall back to the CSV text for
-    # files written by other tools.
+    # files written by other tools. f'{-5:03d}' == str(-5).zfill(3) == '-05', as the reference.
     prefix = f'{city_id}_{place_id:07d}_{year:04d}_{month:02d}_{northdeg:03d}_'
     name = f'{prefix}{lat}_{lon}_{panoid}.jpg'
     if name not in listed:
@@ -332,10 +401,11 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
         missing_images.append(f'line {line}: {name}')
         continue
     if name in seen_names:
-      logging.warning('%s, line %d repeats line %d (image %s); the image is indexed once.',
-                      csv_path, line, seen_names[name], name)
+      records.odd[ODD_REPEATED_ROW] += 1
       continue
     seen_names[name] = line
+    if not _HEADING_RANGE[0] <= northdeg <= _HEADING_RANGE[1]:
+      records.odd[ODD_HEADING] += 1
     place_key = str(place_id)
     _check_conflicts(seen_panoramas, place_key, panoid, (year, month, lat, lon),
                      f'{csv_path}, line {line}', '(year, month, lat, lon)')
@@ -351,35 +421,57 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
     raise DatasetError(
         f'{len(missing_images)} images named by {csv_path} are not in {image_dir}: {listed_part}'
         + (f'; and {more} more.' if more > 0 else '.'))
+  unlisted = sum(1 for name in listing if name.lower().endswith(_IMAGE_EXTENSIONS)
+                 and name not in seen_names)
+  if unlisted:
+    records.odd[ODD_UNLISTED_IMAGE] += unlisted
   return records
 
 
-def _parse_xs_name(name: str, path: str) -> tuple[str, str, int, float]:
-  """Returns (place field, panoid, year * 100 + month, lat) of a GSV-XS file name."""
-  ext = os.path.splitext(name)[1]
+_XS_NUMBERS = ((1, 'UTM_east', 1e8), (2, 'UTM_north', 1e8), (5, 'lat', 90.0), (6, 'lon', 180.0))
+
+
+def _parse_xs_name(name: str, folder: str) -> tuple[str, str, int, float, str | None]:
+  """Returns (place field, panoid, year * 100 + month, lat, oddity or None) of a GSV-XS name."""
+  # The full path is only built for an error message: this runs once per training image.
   tokens = name.split('@')
-  if (ext.lower() not in _IMAGE_EXTENSIONS or len(tokens) != 16 or tokens[0] or
-      tokens[-1].lower() not in _IMAGE_EXTENSIONS):
+  if len(tokens) != 16 or tokens[0] or tokens[-1].lower() not in _IMAGE_EXTENSIONS:
     raise DatasetError(
-        f'File name {path!r} does not parse as a GSV-XS image name '
+        f'File name {os.path.join(folder, name)!r} does not parse as a GSV-XS image name '
         '@UTM_east@UTM_north@zone@band@lat@lon@panoid@@northdeg@@@@YYYYMM@place_id@.jpg.')
-  for i, field, bound in ((1, 'UTM_east', 1e8), (2, 'UTM_north', 1e8), (5, 'lat', 90.0),
-                          (6, 'lon', 180.0)):
-    _parse_float(tokens[i], field, path, None, bound)
-  lat = float(tokens[5])
-  _parse_int(tokens[9], 'northdeg', path, None, 0, 360)
+  try:
+    east, north, lat, lon = (float(tokens[1]), float(tokens[2]), float(tokens[5]),
+                             float(tokens[6]))
+    # False for NaN and infinities too.
+    usable = abs(east) <= 1e8 and abs(north) <= 1e8 and abs(lat) <= 90.0 and abs(lon) <= 180.0
+  except ValueError:
+    usable = False
+  if not usable:
+    path = os.path.join(folder, name)
+    for i, field, bound in _XS_NUMBERS:
+      _parse_float(tokens[i], field, path, None, bound)
+  # The heading is not used: any text is accepted, integers outside [0, 360] are only counted.
+  oddity = None
+  try:
+    northdeg = int(tokens[9])
+    if not _HEADING_RANGE[0] <= northdeg <= _HEADING_RANGE[1]:
+      oddity = ODD_HEADING
+  except ValueError:
+    oddity = ODD_HEADING_TEXT
   year_month = tokens[13]
   if len(year_month) != 6 or not year_month.isdigit():
-    raise DatasetError(f'{path!r}: the date field must be YYYYMM, got {year_month!r}.')
+    raise DatasetError(f'{os.path.join(folder, name)!r}: the date field must be YYYYMM, got '
+                       f'{year_month!r}.')
   year, month = int(year_month[:4]), int(year_month[4:])
   if not 1 <= month <= 12:
-    raise DatasetError(f'{path!r}: month must be in [1, 12], got {month} in {year_month!r}.')
+    raise DatasetError(f'{os.path.join(folder, name)!r}: month must be in [1, 12], got {month} '
+                       f'in {year_month!r}.')
   place, panoid = tokens[14], tokens[7]
   if not place:
-    raise DatasetError(f'{path!r}: empty place_id field.')
+    raise DatasetError(f'{os.path.join(folder, name)!r}: empty place_id field.')
   if not panoid:
-    raise DatasetError(f'{path!r}: empty panoid field.')
-  return place, panoid, year * 100 + month, lat
+    raise DatasetError(f'{os.path.join(folder, name)!r}: empty panoid field.')
+  return place, panoid, year * 100 + month, lat, oddity
 
 
 def _scan_gsv_xs_city(train_dir: str, city: str) -> tuple[list[str], str]:
@@ -399,21 +491,29 @@ def _parse_gsv_xs_city(train_dir: str, city: str, listing: list[str]) -> _CityRe
   seen_panoramas = {}
   bad_names = []
   for name in listing:
-    path = os.path.join(folder, name)
+    if not name.lower().endswith(_IMAGE_EXTENSIONS):
+      records.odd[ODD_NOT_AN_IMAGE] += 1
+      continue
     try:
-      place, panoid, date, lat = _parse_xs_name(name, path)
+      place, panoid, date, lat, oddity = _parse_xs_name(name, folder)
     except DatasetError as e:
       bad_names.append(str(e))
       continue
-    match = re.fullmatch(r'(\d+)_(.+)', place)
+    match = _PLACE_OF_CITY.fullmatch(place) if '_' in place else None
     if match and match.group(2).lower() != city.lower():
-      raise DatasetError(f'{path!r}: the place field {place!r} names city {match.group(2)!r}, '
-                         f'but the file is in the folder of city {city!r}.')
-    _check_conflicts(seen_panoramas, place, panoid, (date, lat), repr(path), '(YYYYMM, lat)')
+      raise DatasetError(f'{os.path.join(folder, name)!r}: the place field {place!r} names city '
+                         f'{match.group(2)!r}, but the file is in the folder of city {city!r}.')
+    _check_conflicts(seen_panoramas, place, panoid, (date, lat), name, '(YYYYMM, lat)',
+                     folder=folder)
+    if oddity is not None:
+      records.odd[oddity] += 1
     records.names.append(f'{city}/{name}')
     records.place_keys.append(place)
     records.dates.append(date)
     records.lats.append(lat)
+  if not records.names and not bad_names:
+    raise DatasetError(f'Folder {folder!r} of city {city!r} has no images '
+                       f'({", ".join(_IMAGE_EXTENSIONS)}).')
   if bad_names:
     more = len(bad_names) - _MAX_LISTED
     raise DatasetError(f'{len(bad_names)} file names in {folder!r} do not parse: '
@@ -426,7 +526,7 @@ def _local_place_ids(keys: Sequence[str]) -> np.ndarray:
   """Integer ids of place fields: the integer itself (also in '<int>_<City>'), else sorted rank."""
   numbers = []
   for key in keys:
-    match = re.fullmatch(r'(\d+)(?:_.+)?', key)
+    match = _PLACE_NUMBER.fullmatch(key)
     if match is None:
       unique = sorted(set(keys))
       rank = {k: i for i, k in enumerate(unique)}
@@ -490,8 +590,13 @@ def _build(root: str, layout: str, cities: Sequence[str], min_img_per_place: int
       place_ids.append(c * stride + int(ids_sorted[start]))
       place_cities.append(c)
   if not place_ids:
+    largest = max(int(np.unique(ids, return_counts=True)[1].max()) for ids in local_ids)
     raise DatasetError(f'No place in {root} ({", ".join(cities)}) has at least '
-                       f'min_img_per_place={min_img_per_place} images.')
+                       f'min_img_per_place={min_img_per_place} images: the largest place has '
+                       f'{largest}. Lower data.min_img_per_place (and data.images_per_place).')
+  odd = collections.Counter()
+  for rec in records:
+    odd.update(rec.odd)
   return PlaceIndex(
       root=root,
       layout=layout,
@@ -506,6 +611,7 @@ def _build(root: str, layout: str, cities: Sequence[str], min_img_per_place: int
       num_dropped_places=dropped_places,
       num_dropped_images=dropped_images,
       fingerprint=fingerprint,
+      odd_values=tuple(sorted(odd.items())),
   )
 
 
@@ -517,7 +623,8 @@ def _save_cache(path: str, index: PlaceIndex):
   meta = {'version': _CACHE_VERSION, 'layout': index.layout, 'cities': list(index.cities),
           'min_img_per_place': index.min_img_per_place,
           'num_dropped_places': index.num_dropped_places,
-          'num_dropped_images': index.num_dropped_images, 'fingerprint': index.fingerprint}
+          'num_dropped_images': index.num_dropped_images, 'fingerprint': index.fingerprint,
+          'odd_values': [list(item) for item in index.odd_values]}
   arrays = {name: getattr(index, name) for name in _ARRAY_FIELDS}
   tmp = f'{path}.tmp{os.getpid()}'
   try:
@@ -548,7 +655,9 @@ def _load_cache(path: str, root: str, fingerprint: str) -> PlaceIndex | None:
                     min_img_per_place=int(meta['min_img_per_place']),
                     num_dropped_places=int(meta['num_dropped_places']),
                     num_dropped_images=int(meta['num_dropped_images']),
-                    fingerprint=fingerprint, **arrays)
+                    fingerprint=fingerprint,
+                    odd_values=tuple((str(k), int(n)) for k, n in meta.get('odd_values', [])),
+                    **arrays)
 
 
 def build_place_index(train_dir: str, layout: str, cities: Sequence[str], min_img_per_place: int,
@@ -620,6 +729,32 @@ def build_place_index(train_dir: str, layout: str, cities: Sequence[str], min_im
   return index
 
 
+def check_images_per_place(index: PlaceIndex, images_per_place: int):
+  """Checks that every place of `index` has at least K = `images_per_place` images.
+
+  Args:
+    index: the place index.
+    images_per_place: K, images drawn per place (config data.images_per_place).
+
+  Raises:
+    DatasetError: K exceeds the images of some place (the largest and smallest counts named).
+  """
+  counts = index.images_per_place
+  smallest, largest = int(counts.min()), int(counts.max())
+  if images_per_place <= smallest:
+    return
+  if images_per_place > largest:
+    raise DatasetError(
+        f'data.images_per_place={images_per_place} exceeds the images of every place in '
+        f'{index.root}: the largest place has {largest}. Expected images_per_place <= '
+        f'min_img_per_place ({index.min_img_per_place}) <= {largest}.')
+  too_small = int((counts < images_per_place).sum())
+  raise DatasetError(
+      f'data.images_per_place={images_per_place} exceeds the images of {too_small} of the '
+      f'{index.num_places} places in {index.root} (the smallest has {smallest}); set '
+      f'data.min_img_per_place >= {images_per_place} (now {index.min_img_per_place}) to drop them.')
+
+
 def _table(title: str, rows: Iterable[tuple[str, str]]) -> str:
   rows = list(rows)
   left = max(len(r[0]) for r in rows)
@@ -654,6 +789,8 @@ def format_stats(index: PlaceIndex, places_per_batch: int, images_per_place: int
   if index.num_dropped_places:
     data_rows.append((f'dropped (< {index.min_img_per_place} images)',
                       f'{index.num_dropped_places} places, {index.num_dropped_images} images'))
+  # Odd but usable values: said once here instead of once per file.
+  data_rows += [(what, f'{count}') for what, count in index.odd_values]
   config_rows = [('Batch size (PxK)', f'{places_per_batch}x{images_per_place} = '
                                       f'{places_per_batch * images_per_place} images')]
   if process_count > 1:

@@ -56,6 +56,7 @@ import grain
 import numpy as np
 
 from vpr_jax.data import augment
+from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
 from vpr_jax.data import workers as worker_counts
 from vpr_jax.data.gsv_cities import PlaceIndex
@@ -423,10 +424,7 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
   k = int(data.images_per_place)
   if k <= 0:
     raise ValueError(f'data.images_per_place must be positive, got {k}.')
-  smallest = int(index.images_per_place.min())
-  if k > smallest:
-    raise ValueError(f'data.images_per_place={k} exceeds the images of the smallest place '
-                     f'({smallest}); set data.min_img_per_place >= {k} and rebuild the index.')
+  gsv_cities.check_images_per_place(index, k)
   num_epochs = int(config.num_epochs)
   if num_epochs <= 0:
     raise ValueError(f'num_epochs must be positive, got {num_epochs}.')

@@ -206,6 +206,8 @@ def load_training_places(config: ml_collections.ConfigDict, data_root: str):
       roots.resolve_under(data_root, config.data.train_dir), config.data.train_layout,
       tuple(config.data.cities), int(config.data.min_img_per_place),
       cache_dir=config.data.cache_dir, rebuild=bool(config.data.rebuild_index))
+  # K images are drawn per place: refused here, in a second, rather than when batching starts.
+  gsv_cities.check_images_per_place(index, int(config.data.images_per_place))
   return index, None
 
 
