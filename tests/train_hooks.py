@@ -14,6 +14,8 @@ takes exactly the flags of `vpr_jax.train`. Hooks are chosen by environment vari
                                its loss and gradients are NaN (what a diverging run produces).
   VPR_TEST_ENOSPC_AT_STEP=k    writing the checkpoint of step k fails inside orbax with
                                OSError(ENOSPC), as on a full disk.
+  VPR_TEST_SLOW_STEP_S=x       every step first sleeps x seconds (so that a test can signal a
+                               run in the middle of its steps).
   VPR_TEST_RECORD_DIR=DIR      after every step, append to DIR/process_<i>.jsonl: the step, the
                                loss, a SHA-1 of the parameters held by each local device, the
                                float64 sum and L2 norm of every parameter leaf, and the labels
@@ -176,6 +178,19 @@ def _recorder(record_dir):
   return _WrapStep(wrap)
 
 
+def _slow_steps(seconds):
+
+  def wrap(real_step):
+
+    def train_step(state, batch, rng):
+      time.sleep(seconds)
+      return real_step(state, batch, rng)
+
+    return train_step
+
+  return _WrapStep(wrap)
+
+
 def install_hooks():
   """The hooks named by the environment (see the module docstring); patches orbax for faults."""
   installed = [_TrackSavedStep()]
@@ -191,6 +206,8 @@ def install_hooks():
   enospc = _env_int('VPR_TEST_ENOSPC_AT_STEP')
   if enospc is not None:
     _install_enospc_at_step(enospc)
+  if os.environ.get('VPR_TEST_SLOW_STEP_S'):
+    installed.append(_slow_steps(float(os.environ['VPR_TEST_SLOW_STEP_S'])))
   if os.environ.get('VPR_TEST_RECORD_DIR'):
     installed.append(_recorder(os.environ['VPR_TEST_RECORD_DIR']))
   return installed

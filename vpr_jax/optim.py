@@ -37,17 +37,32 @@ Schedule = Callable[[Any], jax.Array]
 
 
 def check_config(optim_config: ml_collections.ConfigDict) -> None:
-  """Checks `config.optim`: the optimiser and schedule names (listing the valid choices), sizes."""
+  """Checks `config.optim`: names (listing the valid choices) and every number's range."""
   if optim_config.optimizer not in OPTIMIZERS:
     raise ConfigError(f'Unknown optim.optimizer {optim_config.optimizer!r}; valid choices: '
-                     f'{", ".join(OPTIMIZERS)}.')
+                      f'{", ".join(OPTIMIZERS)}.')
   if optim_config.schedule not in SCHEDULES:
     raise ConfigError(f'Unknown optim.schedule {optim_config.schedule!r}; valid choices: '
-                     f'{", ".join(SCHEDULES)}.')
-  if optim_config.warmup_steps < 0:
-    raise ConfigError(f'optim.warmup_steps must be >= 0, got {optim_config.warmup_steps}.')
-  if optim_config.learning_rate <= 0:
-    raise ConfigError(f'optim.learning_rate must be > 0, got {optim_config.learning_rate}.')
+                      f'{", ".join(SCHEDULES)}.')
+  ranges = {  # field: (lowest allowed, whether the lowest is allowed itself)
+      'learning_rate': (0.0, False), 'weight_decay': (0.0, True), 'momentum': (0.0, True),
+      'gamma': (0.0, False)}
+  for field, (low, inclusive) in ranges.items():
+    value = optim_config.get(field)
+    if value is None:
+      continue
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+        or not math.isfinite(value) or value < low or (value == low and not inclusive)):
+      raise ConfigError(f'optim.{field} must be a finite number {">=" if inclusive else ">"} '
+                        f'{low:g}, got {value!r}.')
+  warmup = optim_config.warmup_steps
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise ConfigError(f'optim.warmup_steps must be an integer >= 0, got {warmup!r}.')
+  milestones = tuple(optim_config.get('milestones', ()) or ())
+  if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in milestones) or (
+      list(milestones) != sorted(milestones)):
+    raise ConfigError('optim.milestones must be increasing epoch numbers >= 0, got '
+                      f'{milestones!r}.')
 
 
 def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,

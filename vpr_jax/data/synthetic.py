@@ -670,7 +670,11 @@ def make_synthetic_dataset(root: str, seed: int = 0, num_train_places: int = 100
     raise ValueError(f'unknown layouts {sorted(unknown)}; expected a subset of {LAYOUTS}')
   os.makedirs(root, exist_ok=True)
   summary = {'root': os.fspath(root), 'seed': seed, 'image_size': list(image_hw),
-             'layouts': list(layouts), 'train': None, 'benchmarks': {}}
+             'layouts': list(layouts), 'train': None, 'benchmarks': {},
+             # What the data was generated from, so that a run asking for other data can tell.
+             'params': {'seed': int(seed), 'num_train_places': int(num_train_places),
+                        'images_per_place': int(images_per_place),
+                        'num_eval_places': int(num_eval_places), 'image_size': list(image_hw)}}
   train_layouts = [l for l in layouts if l in ('gsv_cities', 'gsv_xs')]
   if train_layouts:
     summary['train'] = make_training_places(

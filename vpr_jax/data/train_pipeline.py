@@ -60,9 +60,12 @@ from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
 from vpr_jax.data import workers as worker_counts
 from vpr_jax.data.gsv_cities import PlaceIndex
+from vpr_jax.errors import DatasetError
 from vpr_jax.errors import TooManyBadImagesError
 
 _STATE_VERSION = 1
+# Fingerprint fields that describe the training set for messages; the index hash decides.
+_DESCRIPTIVE_FIELDS = ('num_places', 'num_images', 'cities')
 # Random-stream tags: the epoch order and the per-place draws never share a stream.
 _ORDER_STREAM = 1
 _PLACE_STREAM = 2
@@ -363,12 +366,21 @@ class TrainIterator:
       raise ValueError(f'Not a train iterator state of version {_STATE_VERSION}: {state!r}.')
     saved = state.get('fingerprint', {})
     differing = sorted(k for k in set(saved) | set(self._fingerprint)
-                       if saved.get(k) != self._fingerprint.get(k))
+                       if k not in _DESCRIPTIVE_FIELDS and saved.get(k) != self._fingerprint.get(k))
     if differing:
       details = ', '.join(f'{k}: saved {saved.get(k)!r}, now {self._fingerprint.get(k)!r}'
                           for k in differing)
-      raise ValueError('The saved data iterator state belongs to a different training set or '
-                       f'batch layout ({details}); it cannot resume this one.')
+      if 'index' in differing:
+        # The hash alone says nothing to a user: name what changed in the training set.
+        changes = [f'{k} {saved[k]!r} -> {self._fingerprint.get(k)!r}'
+                   for k in _DESCRIPTIVE_FIELDS
+                   if k in saved and saved[k] != self._fingerprint.get(k)]
+        details += ('; the training set changed since the checkpoint: ' + ', '.join(changes)
+                    if changes else '; the training set changed since the checkpoint (same '
+                    'cities and counts: files were renamed, added and removed, or moved)')
+      raise DatasetError('The saved data iterator state belongs to a different training set or '
+                         f'batch layout ({details}); it cannot resume this one. Restore the '
+                         'training set, or start a new workdir.')
     next_step = int(state['next_step'])
     if not 0 <= next_step <= self.num_steps:
       raise ValueError(f'Saved next_step={next_step} is outside [0, {self.num_steps}] '
@@ -449,6 +461,9 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
              .batch(places_local, drop_remainder=True))
   fingerprint = {
       'index': index.fingerprint,
+      'num_places': int(index.num_places),
+      'num_images': int(index.num_images),
+      'cities': list(index.cities),
       'seed': int(seed),
       'places_per_batch': int(data.places_per_batch),
       'images_per_place': k,

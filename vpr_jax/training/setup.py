@@ -8,6 +8,8 @@ input has been read and checked, so a run that fails here leaves no workdir behi
 """
 
 import dataclasses
+import json
+import math
 import os
 from typing import Any, Optional
 
@@ -35,6 +37,7 @@ from vpr_jax.data import synthetic
 from vpr_jax.data import train_pipeline
 from vpr_jax.data import workers
 from vpr_jax.errors import ConfigError
+from vpr_jax.errors import DatasetError
 from vpr_jax.evaluation import benchmark_eval
 from vpr_jax.models import vpr_model
 from vpr_jax.training import programs as programs_lib
@@ -67,23 +70,51 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'keep_best'):
     if int(config[name]) < 1:
       raise ConfigError(f'{name} must be >= 1, got {config[name]}.')
-  for name in ('max_steps', 'checkpoint_every_steps'):
+  for name in ('max_steps', 'checkpoint_every_steps', 'visualize_queries'):
     if int(config[name]) < 0:
       raise ConfigError(f'{name} must be >= 0, got {config[name]}.')
+  if int(config.data.eval_batch_size) < 1:
+    raise ConfigError(f'data.eval_batch_size must be >= 1, got {config.data.eval_batch_size}.')
+  workers.resolve_num_workers(config.data.num_workers)
+  fraction = config.data.max_bad_image_fraction
+  if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+    raise ConfigError(f'data.max_bad_image_fraction must be in [0, 1], got {fraction!r}.')
+  radius = config.data.positive_radius_m
+  if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0):
+    raise ConfigError(f'data.positive_radius_m must be a finite number of metres >= 0, got '
+                      f'{radius!r}.')
 
 
 def maybe_make_synthetic_data(config: ml_collections.ConfigDict, data_root: str) -> None:
-  """Generates the synthetic dataset under <data root>/<data.synthetic.dir> once, if enabled."""
+  """Generates the synthetic dataset under <data root>/<data.synthetic.dir> once, if enabled.
+
+  Data already there is reused only when it was generated with the same data.synthetic fields;
+  other fields are refused (another run may be using that data), naming the differences.
+  """
   if not roots.synthetic_enabled(config):
     return
   synth = config.data.synthetic
   out = roots.resolve_under(data_root, synth.dir)
-  if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, synthetic.SUMMARY_FILE)):
+  wanted = {'seed': int(synth.seed), 'num_train_places': int(synth.num_train_places),
+            'images_per_place': int(synth.images_per_place),
+            'num_eval_places': int(synth.num_eval_places),
+            'image_size': [int(s) for s in synth.image_size]}
+  summary_path = os.path.join(out, synthetic.SUMMARY_FILE)
+  if os.path.isfile(summary_path):
+    with open(summary_path) as f:
+      found = json.load(f).get('params')
+    if found is not None and found != wanted:
+      differences = ', '.join(f'data.synthetic.{k}={wanted[k]!r} (on disk: {found.get(k)!r})'
+                              for k in sorted(wanted) if found.get(k) != wanted[k])
+      raise DatasetError(
+          f'The synthetic data in {out} was generated with other settings: {differences}. Set '
+          'data.synthetic.dir to another folder to generate a new set, or delete this one.')
+  elif jax.process_index() == 0:
     logging.info('Writing the synthetic dataset to %s', out)
     synthetic.make_synthetic_dataset(
-        out, seed=int(synth.seed), num_train_places=int(synth.num_train_places),
-        images_per_place=int(synth.images_per_place),
-        num_eval_places=int(synth.num_eval_places), image_size=tuple(synth.image_size))
+        out, seed=wanted['seed'], num_train_places=wanted['num_train_places'],
+        images_per_place=wanted['images_per_place'], num_eval_places=wanted['num_eval_places'],
+        image_size=tuple(wanted['image_size']))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('vpr_jax synthetic data')
 
