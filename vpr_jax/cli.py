@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from vpr_jax import checkpointing
 from vpr_jax import training
+from vpr_jax.conversion import torch_reader
 from vpr_jax.data import benchmarks
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
@@ -25,6 +26,8 @@ USER_ERRORS = (
     checkpointing.CheckpointMismatchError,
     checkpointing.CheckpointWriteError,
     training.NonFiniteError,
+    torch_reader.TorchCheckpointError,
+    torch_reader.CheckpointNotFoundError,
 )
 
 

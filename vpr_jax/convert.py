@@ -18,7 +18,9 @@ Usage:
   python -m vpr_jax.convert --config configs/mixvpr.py --torch-checkpoint model.ckpt --out DIR
   python -m vpr_jax.eval --checkpoint DIR ...
 
-torch is imported only to read files; the conversion functions also accept numpy state dicts.
+Files are read without torch and without running code stored in them
+(`vpr_jax.conversion.torch_reader`); the conversion functions also accept torch or numpy state
+dicts.
 """
 
 import copy
@@ -35,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from vpr_jax import checkpointing
+from vpr_jax.conversion import torch_reader
 from vpr_jax.models import aggregators
 from vpr_jax.models import resnet
 from vpr_jax.models import vpr_model
@@ -112,30 +115,21 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
   return state_dict
 
 
-def load_torch_state_dict(path: str, allow_unsafe_pickle: bool = False) -> dict[str, np.ndarray]:
-  """Reads a PyTorch `.pth` / `.ckpt` file into a numpy state dict.
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a PyTorch `.pth` / `.ckpt` file into a numpy state dict (torch is not needed).
 
   Args:
     path: the file.
-    allow_unsafe_pickle: load with `weights_only=False`, which can run code stored in the file;
-      only for files from a trusted source that the safe loader rejects.
 
   Returns:
-    {name: np.ndarray} (the Lightning 'state_dict' entry if present, `module.` removed).
+    {name: np.ndarray} (the Lightning 'state_dict' entry if present, `module.` removed; half
+    precision stays as stored).
+
+  Raises:
+    torch_reader.CheckpointNotFoundError: no such file.
+    torch_reader.TorchCheckpointError: the file cannot be read, or is refused as unsafe.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'PyTorch checkpoint {path} does not exist.')
-  import torch  # pylint: disable=g-import-not-at-top
-  try:
-    checkpoint = torch.load(path, map_location='cpu', weights_only=not allow_unsafe_pickle)
-  except Exception as e:  # pylint: disable=broad-except
-    hint = '' if allow_unsafe_pickle else (
-        ' If the file comes from a source you trust and holds other Python objects, retry with '
-        'allow_unsafe_pickle=True (CLI: --allow_unsafe_pickle).')
-    raise ValueError(f'Cannot read PyTorch checkpoint {path}: {e}.{hint}') from e
-  return {key: _to_numpy(value) for key, value in unwrap_state_dict(checkpoint).items()
-          if hasattr(value, 'shape')}
+  return unwrap_state_dict(torch_reader.load_state_dict(path))
 
 
 def detect_kind(state_dict: Mapping[str, Any]) -> str:
@@ -332,20 +326,18 @@ def family_checkpoint_to_flax(state_dict: Mapping[str, Any], config: ml_collecti
                   lambda key: False, source)
 
 
-def load_torchvision_backbone(path: str, model_config,
-                              allow_unsafe_pickle: bool = False) -> dict[str, Any]:
+def load_torchvision_backbone(path: str, model_config) -> dict[str, Any]:
   """Reads torchvision ImageNet weights (e.g. resnet18-f37072fd.pth) for the configured backbone.
 
   Args:
     path: the `.pth` file (never downloaded).
     model_config: `config.model` (backbone and layers_to_crop).
-    allow_unsafe_pickle: see `load_torch_state_dict`.
 
   Returns:
     Backbone {'params': ..., 'batch_stats': ...}, to place under the model's 'backbone' entries
     (see `with_backbone`).
   """
-  state_dict = load_torch_state_dict(path, allow_unsafe_pickle)
+  state_dict = load_torch_state_dict(path)
   return torchvision_resnet_to_flax(state_dict, vpr_model.backbone_depth(model_config),
                                     tuple(model_config.layers_to_crop), source=os.fspath(path))
 
@@ -408,8 +400,7 @@ def _with_new_aggregator(config: ml_collections.ConfigDict,
 
 
 def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str, out: str,
-                       kind: str = 'auto', allow_unsafe_pickle: bool = False,
-                       overwrite: bool = False) -> tuple[ml_collections.ConfigDict, dict]:
+                       kind: str = 'auto', overwrite: bool = False) -> tuple[ml_collections.ConfigDict, dict]:
   """Converts a PyTorch file and writes an inference checkpoint that `vpr_jax.eval` loads.
 
   Nothing is written unless the whole conversion succeeds.
@@ -420,7 +411,6 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
     out: output checkpoint directory (must not exist or be empty, unless `overwrite`).
     kind: 'auto', 'torchvision' (backbone only: the aggregator is initialised from config.seed)
       or 'family' (whole model).
-    allow_unsafe_pickle: see `load_torch_state_dict`.
     overwrite: replace a non-empty `out`.
 
   Returns:
@@ -431,7 +421,7 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
   if os.path.isdir(out) and os.listdir(out) and not overwrite:  # Fail before the slow part.
     raise FileExistsError(f'{out} already exists and is not empty; choose another output '
                           'directory or pass overwrite=True (CLI: --overwrite).')
-  state_dict = load_torch_state_dict(torch_checkpoint, allow_unsafe_pickle)
+  state_dict = load_torch_state_dict(torch_checkpoint)
   if kind == 'auto':
     kind = detect_kind(state_dict)
   source = os.fspath(torch_checkpoint)
@@ -453,7 +443,7 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
 # Command line.
 
 # Hyphenated spellings accepted for the CLI's own flags (absl itself only knows underscores).
-_HYPHENATED_FLAGS = ('torch-checkpoint', 'allow-unsafe-pickle')
+_HYPHENATED_FLAGS = ('torch-checkpoint',)
 
 
 def _normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -477,8 +467,6 @@ def _define_flags():
   flags.DEFINE_string('out', None, 'Output checkpoint directory (for vpr_jax.eval --checkpoint).')
   flags.DEFINE_enum('kind', 'auto', KINDS, 'torchvision: ImageNet ResNet state dict (backbone '
                     'only); family: gsv-cities / MixVPR / mldl24-vpr model; auto: detect.')
-  flags.DEFINE_bool('allow_unsafe_pickle', False, 'Load with torch.load(weights_only=False); only '
-                    'for trusted files the safe loader rejects.')
   flags.DEFINE_bool('overwrite', False, 'Replace a non-empty --out directory.')
   flags.mark_flags_as_required(['config', 'torch_checkpoint', 'out'])
 
@@ -489,7 +477,7 @@ def main(argv):
   from vpr_jax import cli  # pylint: disable=g-import-not-at-top
   config, variables = cli.report_user_errors(
       convert_checkpoint, FLAGS.config, FLAGS.torch_checkpoint, FLAGS.out, kind=FLAGS.kind,
-      allow_unsafe_pickle=FLAGS.allow_unsafe_pickle, overwrite=FLAGS.overwrite)
+      overwrite=FLAGS.overwrite)
   counts = vpr_model.count_parameters(variables['params'], config.model.layers_to_freeze)
   print(vpr_model.format_parameter_table(counts, config.model))
   print(f'Wrote {os.path.abspath(FLAGS.out)}')
