@@ -394,6 +394,8 @@ def test_bad_files_give_one_line(tmp_path):
   with zipfile.ZipFile(tmp_path / 'other.zip', 'w') as archive:
     archive.writestr('readme.txt', 'hello')
   cases['other.zip'] = 'without the data.pkl'
+  (tmp_path / 'folder.pth').mkdir()
+  cases['folder.pth'] = 'is a folder'
 
   for name, expected in cases.items():
     with pytest.raises(torch_reader.TorchCheckpointError) as info:

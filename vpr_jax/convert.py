@@ -400,7 +400,8 @@ def _with_new_aggregator(config: ml_collections.ConfigDict,
 
 
 def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str, out: str,
-                       kind: str = 'auto', overwrite: bool = False) -> tuple[ml_collections.ConfigDict, dict]:
+                       kind: str = 'auto',
+                       overwrite: bool = False) -> tuple[ml_collections.ConfigDict, dict]:
   """Converts a PyTorch file and writes an inference checkpoint that `vpr_jax.eval` loads.
 
   Nothing is written unless the whole conversion succeeds.

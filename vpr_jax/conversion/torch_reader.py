@@ -35,7 +35,7 @@ import numpy as np
 
 
 class TorchCheckpointError(ValueError):
-  """A file cannot be read as a PyTorch checkpoint (not torch's zip format, damaged, unsupported)."""
+  """A file cannot be read as a PyTorch checkpoint (not torch's zip format, damaged, ...)."""
 
 
 class UnsafeCheckpointError(TorchCheckpointError):
@@ -105,15 +105,14 @@ _REFUSED_MODULES = frozenset({
     'os', 'posix', 'nt', 'posixpath', 'ntpath', 'subprocess', 'sys', 'builtins', '__builtin__',
     'importlib', 'imp', 'runpy', 'shutil', 'socket', 'pickle', '_pickle', 'cPickle', 'marshal',
     'types', 'ctypes', 'code', 'codeop', 'pty', 'commands', 'platform', 'webbrowser',
-    'multiprocessing', 'signal', 'asyncio', 'operator', '_operator', 'functools', '_functools',
-    'io', '_io', 'tempfile', 'threading', '_thread', 'inspect', 'pydoc', 'timeit', 'cProfile',
-    'profile', 'pdb', 'bdb', 'trace', 'dill', 'cloudpickle', 'joblib', 'shelve', 'ssl', 'http',
-    'urllib', 'requests', 'ftplib', 'smtplib', 'telnetlib', 'zipimport', 'pkgutil', 'site',
-    'sysconfig', 'gc', 'weakref', 'numpy.testing', 'numpy.f2py',
-    'numpy.distutils', 'torch.hub', 'torch.jit', 'torch._C', 'torch.ops', 'torch._ops',
-    'torch.package', 'torch.serialization', 'torch.storage', 'torch.utils', 'torch.multiprocessing',
-    'torch.cuda', 'torch.distributed', 'torch.library', 'torch._dynamo', 'torch.fx',
-    'torch.compiler', 'torch._inductor',
+    'multiprocessing', 'signal', 'asyncio', 'operator', '_operator', 'io', '_io', 'tempfile',
+    'threading', '_thread', 'inspect', 'pydoc', 'timeit', 'cProfile', 'profile', 'pdb', 'bdb',
+    'trace', 'dill', 'cloudpickle', 'joblib', 'shelve', 'ssl', 'http', 'urllib', 'requests',
+    'ftplib', 'smtplib', 'telnetlib', 'zipimport', 'pkgutil', 'site', 'sysconfig', 'gc',
+    'numpy.testing', 'numpy.f2py', 'numpy.distutils', 'torch.hub', 'torch.jit', 'torch._C',
+    'torch.ops', 'torch._ops', 'torch.package', 'torch.serialization', 'torch.storage',
+    'torch.utils.cpp_extension', 'torch.multiprocessing', 'torch.distributed', 'torch.library',
+    'torch._dynamo', 'torch.fx', 'torch.compiler', 'torch._inductor',
 })
 # ... except these globals of refused modules, which only build data.
 _ALLOWED_BUILTINS = frozenset({'set', 'frozenset', 'complex', 'bytearray', 'bytes', 'slice',
@@ -636,6 +635,9 @@ def read_checkpoint(path: str) -> Any:
       damaged or truncated, or holding tensors that are not read (sparse, quantised, ...).
   """
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise TorchCheckpointError(f'{path} is a folder; expected a PyTorch checkpoint file (.pth, '
+                               '.ckpt).')
   if not os.path.isfile(path):
     raise CheckpointNotFoundError(f'PyTorch checkpoint {path} does not exist.')
   with open(path, 'rb') as f:

@@ -209,7 +209,7 @@ class TrainingSetConfig(tfds.core.BuilderConfig):
 
 
 class VprTrainingSet(tfds.core.GeneratorBasedBuilder):
-  """GSV-Cities / GSV-XS training places: resized JPEGs with place, city, position, date, heading."""
+  """GSV-Cities / GSV-XS training places: resized JPEGs, place, city, position, date, heading."""
 
   VERSION = VERSION
   RELEASE_NOTES = {'1.0.0': 'First release.'}
