@@ -14,17 +14,24 @@ Two `tfds.core.GeneratorBasedBuilder`s write ArrayRecord datasets (`file_format=
   as stored on disk unless a size is asked for. The table is stored too (`benchmark.npz`).
 
 None of the data can be downloaded automatically: the builders read the folder given as the
-manual directory (`MANUAL_DOWNLOAD_INSTRUCTIONS`). They work with `tfds build`, e.g.
+manual directory (`MANUAL_DOWNLOAD_INSTRUCTIONS`). They are registered TFDS builders with named
+configs, as `tfds build` expects:
 
-  tfds build vpr_jax/data/tfds_builders.py --config=gsv_cities_224 \
+  tfds build vpr_training_set --imports=vpr_jax.data.tfds_builders --config=gsv_cities_224 \
       --manual_dir=/data/gsv_cities --data_dir=/data/tfds
 
-(the `tfds` command line itself may import TensorFlow; `build_training_set` / `build_benchmark`
-do not). A built dataset is the folder holding `dataset_info.json`
+but the `tfds` command of tensorflow-datasets 4.9.10 itself imports TensorFlow (it fails with "No
+module named 'tensorflow'" before building). Without TensorFlow, build with `build_training_set` /
+`build_benchmark` (any settings), or by name:
+`tfds.builder('vpr_training_set/gsv_cities_224', data_dir=..., file_format='array_record')
+.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...))`.
+
+A built dataset is the folder holding `dataset_info.json`
 (`<data_dir>/vpr_training_set/<config>/<version>`); `tfds.builder_from_directory(folder)` opens
 it, and `open_training_set` / `open_benchmark` give the interface the training and evaluation
-pipelines use, decoding the stored JPEG bytes with the project's decoder (the image feature is
-read with `tfds.decode.SkipDecoding()`).
+pipelines use: the stored JPEG bytes are decoded by the project's decoder (whole examples are read
+with `tfds.decode.SkipDecoding()` for the image; image reads take the bytes straight from the
+serialized example, which TFDS's generic decoding of every feature would make ~10x slower).
 
 Images that cannot be decoded while building are stored as empty bytes: reading one raises
 `images.ImageDecodeError` naming the source file, so the train pipeline's bad-image handling
