@@ -37,6 +37,10 @@ class PreparedDataError(UserError, ValueError):
   """A prepared folder is missing, incomplete, or does not match what was asked for."""
 
 
+class BuiltDatasetError(UserError, ValueError):
+  """A built TFDS folder is missing, incomplete, or was built for another configuration."""
+
+
 class ImageDecodeError(UserError):
   """A file could not be decoded as an image.
 
@@ -91,6 +95,10 @@ class StateDictMismatchError(CheckpointMismatchError):
 
 class TorchCheckpointError(UserError, ValueError):
   """A PyTorch checkpoint file cannot be read (not a torch file, truncated, unsafe content)."""
+
+
+class UnsafeCheckpointError(TorchCheckpointError):
+  """A PyTorch checkpoint's pickle would run code (os.system, eval, ...): refused, never run."""
 
 
 class CheckpointWriteError(UserError, OSError):

@@ -27,8 +27,6 @@ flags.DEFINE_string('torch_checkpoint', None, 'PyTorch .pth / .ckpt file to conv
 flags.DEFINE_string('out', None, 'Output checkpoint directory (for vpr_jax.eval --checkpoint).')
 flags.DEFINE_enum('kind', 'auto', mapping.KINDS, 'torchvision: ImageNet ResNet state dict '
                   '(backbone only); family: gsv-cities / MixVPR / mldl24-vpr model; auto: detect.')
-flags.DEFINE_bool('allow_unsafe_pickle', False, 'Load with torch.load(weights_only=False); only '
-                  'for trusted files the safe loader rejects.')
 flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint that vpr_jax.convert wrote in --out '
                   '(a folder holding other files is refused).')
 flags.mark_flags_as_required(['config', 'torch_checkpoint', 'out'])
@@ -40,7 +38,7 @@ def main(argv):
   config_fields.split_comma_separated(FLAGS.config)
   config, variables = common.report_user_errors(
       converter.convert_checkpoint, FLAGS.config, FLAGS.torch_checkpoint, FLAGS.out,
-      kind=FLAGS.kind, allow_unsafe_pickle=FLAGS.allow_unsafe_pickle, overwrite=FLAGS.overwrite)
+      kind=FLAGS.kind, overwrite=FLAGS.overwrite)
   counts = vpr_model.count_parameters(variables['params'], config.model.layers_to_freeze)
   print(vpr_model.format_parameter_table(counts, config.model))
   print(f'Wrote {os.path.abspath(FLAGS.out)}')

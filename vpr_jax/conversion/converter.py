@@ -25,20 +25,18 @@ from vpr_jax.errors import OutputPathError
 from vpr_jax.models import aggregators
 from vpr_jax.models import vpr_model
 
-def load_torchvision_backbone(path: str, model_config,
-                              allow_unsafe_pickle: bool = False) -> dict[str, Any]:
+def load_torchvision_backbone(path: str, model_config) -> dict[str, Any]:
   """Reads torchvision ImageNet weights (e.g. resnet18-f37072fd.pth) for the configured backbone.
 
   Args:
     path: the `.pth` file (never downloaded).
     model_config: `config.model` (backbone and layers_to_crop).
-    allow_unsafe_pickle: see `torch_files.load_torch_state_dict`.
 
   Returns:
     Backbone {'params': ..., 'batch_stats': ...}, to place under the model's 'backbone' entries
     (see `with_backbone`).
   """
-  state_dict = torch_files.load_torch_state_dict(path, allow_unsafe_pickle)
+  state_dict = torch_files.load_torch_state_dict(path)
   return mapping.torchvision_resnet_to_flax(state_dict, vpr_model.backbone_depth(model_config),
                                     tuple(model_config.layers_to_crop), source=os.fspath(path))
 
@@ -80,8 +78,8 @@ def _with_new_aggregator(config: ml_collections.ConfigDict,
 
 
 def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str, out: str,
-                       kind: str = 'auto', allow_unsafe_pickle: bool = False,
-                       overwrite: bool = False) -> tuple[ml_collections.ConfigDict, dict]:
+                       kind: str = 'auto', overwrite: bool = False
+                       ) -> tuple[ml_collections.ConfigDict, dict]:
   """Converts a PyTorch file and writes an inference checkpoint that `vpr_jax.eval` loads.
 
   Nothing is written unless the whole conversion succeeds.
@@ -92,7 +90,6 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
     out: output checkpoint directory (must not exist or be empty, unless `overwrite`).
     kind: 'auto', 'torchvision' (backbone only: the aggregator is initialised from config.seed)
       or 'family' (whole model).
-    allow_unsafe_pickle: see `torch_files.load_torch_state_dict`.
     overwrite: replace a non-empty `out` that holds a checkpoint written by this function (and
       nothing else: a folder with other files is refused).
 
@@ -112,7 +109,7 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
         f'{out} holds files that this converter did not write ({", ".join(foreign[:5])}'
         f'{", ..." if len(foreign) > 5 else ""}); overwrite only replaces a converted checkpoint. '
         'Choose another output directory.')
-  state_dict = torch_files.load_torch_state_dict(torch_checkpoint, allow_unsafe_pickle)
+  state_dict = torch_files.load_torch_state_dict(torch_checkpoint)
   if kind == 'auto':
     kind = mapping.detect_kind(state_dict)
   source = os.fspath(torch_checkpoint)

@@ -1,14 +1,15 @@
-"""Reading PyTorch checkpoint files (`.pth` state dicts, Lightning `.ckpt`) into numpy arrays."""
+"""PyTorch state dicts as numpy arrays: read from `.pth` / `.ckpt` files, then unwrapped."""
 
-import os
 from typing import Any, Mapping
 
 import numpy as np
 
-from vpr_jax.errors import CheckpointNotFoundError
+from vpr_jax.conversion import torch_reader
 from vpr_jax.errors import TorchCheckpointError
 
+
 def to_numpy(value) -> np.ndarray:
+  """A state-dict value (numpy array, or a torch tensor in tests) as a numpy array."""
   if hasattr(value, 'detach'):  # A torch tensor.
     value = value.detach().cpu()
     if value.is_floating_point() and value.element_size() < 4:
@@ -28,7 +29,7 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
   """
   if not isinstance(checkpoint, Mapping):
     raise TorchCheckpointError(f'Expected a state dict (a mapping of names to tensors), got '
-                     f'{type(checkpoint).__name__}.')
+                               f'{type(checkpoint).__name__}.')
   if 'state_dict' in checkpoint and isinstance(checkpoint['state_dict'], Mapping):
     checkpoint = checkpoint['state_dict']
   state_dict = {}
@@ -40,27 +41,19 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
   return state_dict
 
 
-def load_torch_state_dict(path: str, allow_unsafe_pickle: bool = False) -> dict[str, np.ndarray]:
-  """Reads a PyTorch `.pth` / `.ckpt` file into a numpy state dict.
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a PyTorch `.pth` / `.ckpt` file into a numpy state dict (torch is not needed).
 
   Args:
     path: the file.
-    allow_unsafe_pickle: load with `weights_only=False`, which can run code stored in the file;
-      only for files from a trusted source that the safe loader rejects.
 
   Returns:
-    {name: np.ndarray} (the Lightning 'state_dict' entry if present, `module.` removed).
+    {name: np.ndarray} (the Lightning 'state_dict' entry if present, `module.` removed; half
+    precision stays as stored).
+
+  Raises:
+    CheckpointNotFoundError: no such file.
+    TorchCheckpointError: the file cannot be read, or is refused as unsafe (its pickle would
+      run code; nothing from the file ever runs).
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise CheckpointNotFoundError(f'PyTorch checkpoint {path} does not exist.')
-  import torch  # pylint: disable=g-import-not-at-top
-  try:
-    checkpoint = torch.load(path, map_location='cpu', weights_only=not allow_unsafe_pickle)
-  except Exception as e:  # pylint: disable=broad-except
-    hint = '' if allow_unsafe_pickle else (
-        ' If the file comes from a source you trust and holds other Python objects, retry with '
-        'allow_unsafe_pickle=True (CLI: --allow_unsafe_pickle).')
-    raise TorchCheckpointError(f'Cannot read PyTorch checkpoint {path}: {e}.{hint}') from e
-  return {key: to_numpy(value) for key, value in unwrap_state_dict(checkpoint).items()
-          if hasattr(value, 'shape')}
+  return unwrap_state_dict(torch_reader.load_state_dict(path))
