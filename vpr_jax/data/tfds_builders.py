@@ -74,7 +74,6 @@ _INDEX_ARRAYS = ('image_paths', 'image_dates', 'image_lats', 'place_offsets', 'p
 _FLOAT64 = tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES)
 # Images handed to a worker at a time when encoding in parallel.
 _CHUNK_SIZE = 64
-# The 23 GSV-Cities cities of the seed experiments (configs/default.py).
 
 
 # ----------------------------------------------------------------------------------------------
