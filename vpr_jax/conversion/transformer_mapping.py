@@ -185,7 +185,8 @@ def fill_variables(state_dict: Mapping[str, Any], expected: Mapping[str, Any],
     if tuple(array.shape) != want:
       mismatched.append((key, want, tuple(array.shape)))
       continue
-    filled[collection][path] = np.ascontiguousarray(to_flax_layout(array, layout).astype(dtype))
+    # np.array, not np.ascontiguousarray, which turns 0-d values (SALAD's dust_bin) into 1-d.
+    filled[collection][path] = np.array(to_flax_layout(array, layout), dtype=dtype, order='C')
   if missing or unexpected or mismatched:
     raise StateDictMismatchError(source, missing, unexpected, sorted(mismatched))
   return {collection: traverse_util.unflatten_dict(flat) for collection, flat in filled.items()}
@@ -272,6 +273,6 @@ def flax_to_state_dict(variables: Mapping[str, Any], key_fn: Callable[[str, tupl
   for collection, tree in variables.items():
     for path, leaf in traverse_util.flatten_dict(tree).items():
       array = np.asarray(leaf)
-      state_dict[key_fn(collection, path)] = np.ascontiguousarray(
-          to_torch_layout(array, leaf_layout(path, array.shape)))
+      state_dict[key_fn(collection, path)] = np.array(
+          to_torch_layout(array, leaf_layout(path, array.shape)), order='C')
   return state_dict
