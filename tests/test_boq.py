@@ -136,3 +136,14 @@ def test_boq_gradients_reach_the_queries_and_the_projection():
     assert np.any(np.asarray(grads[name]['kernel']))
   assert np.any(np.asarray(grads['boqs_0']['queries']))
   assert np.any(np.asarray(grads['boqs_1']['encoder']['self_attn']['in_proj_kernel']))
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  module = boq.BoQ(proj_channels=128, num_queries=8, num_layers=2, row_dim=4)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 4, 5, 32)), jnp.float32)
+  params = module.init(jax.random.key(0), x)
+  full = np.asarray(module.apply(params, x))
+  half = boq.BoQ(proj_channels=128, num_queries=8, num_layers=2, row_dim=4,
+                 dtype=jnp.bfloat16).apply(params, x)
+  assert half.dtype == jnp.float32
+  assert 0 < np.abs(np.asarray(half) - full).max() < 2e-2

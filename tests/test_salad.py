@@ -104,3 +104,23 @@ def test_salad_needs_more_tokens_than_clusters():
 
 def test_published_descriptor_size():
   assert salad.descriptor_dim(64, 128, 256) == 8448
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  image = jnp.asarray(np.random.default_rng(4).normal(size=(2, 70, 84, 3)), jnp.float32)
+  model = SaladModel(num_clusters=8, cluster_dim=16, token_dim=32)
+  variables = model.init(jax.random.key(0), image)
+
+  class HalfModel(SaladModel):
+
+    def setup(self):
+      self.backbone = dinov2.DinoV2(embed_dim=64, depth=2, num_heads=2, pretrained_grid=4,
+                                    num_trainable_blocks=1, dtype=jnp.bfloat16)
+      self.aggregator = salad.SALAD(self.num_clusters, self.cluster_dim, self.token_dim,
+                                    dtype=jnp.bfloat16)
+
+  full = np.asarray(model.apply(variables, image))
+  half = HalfModel(num_clusters=8, cluster_dim=16, token_dim=32).apply(variables, image)
+  assert half.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(half)))
+  assert 0 < np.abs(np.asarray(half) - full).max() < 2e-2
