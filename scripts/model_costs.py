@@ -15,7 +15,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vpr_jax.models import boq
 from vpr_jax.models import dinov2
@@ -91,5 +90,4 @@ def main():
 
 
 if __name__ == '__main__':
-  np.set_printoptions(suppress=True)
   main()

@@ -405,8 +405,8 @@ class NetVLAD(nn.Module):
     soft_assign = F.softmax(soft_assign, dim=1)
     vlad = torch.zeros([n, self.clusters_num, d], dtype=x_flatten.dtype, device=x_flatten.device)
     for k in range(self.clusters_num):
-      residual = x_flatten.unsqueeze(0).permute(1, 0, 2, 3) - \
-          self.centroids[k:k + 1, :].expand(x_flatten.size(-1), -1, -1).permute(1, 2, 0).unsqueeze(0)
+      centroid = self.centroids[k:k + 1, :].expand(x_flatten.size(-1), -1, -1)
+      residual = x_flatten.unsqueeze(0).permute(1, 0, 2, 3) - centroid.permute(1, 2, 0).unsqueeze(0)
       residual = residual * soft_assign[:, k:k + 1, :].unsqueeze(2)
       vlad[:, k:k + 1, :] = residual.sum(dim=-1)
     vlad = F.normalize(vlad, p=2, dim=2)

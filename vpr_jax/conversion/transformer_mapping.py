@@ -12,12 +12,14 @@ torch key by joining its parts with '.', with these renames:
 
 Whole-model files (`CHECKPOINT_LAYOUTS`) prefix the backbone and the aggregator:
 
-| layout | backbone keys | aggregator keys |
-|---|---|---|
-| salad (`dino_salad.ckpt`) | `backbone.model.<hub ViT names>` | `aggregator.{token_features, cluster_features, score}.*`, `aggregator.dust_bin` |
-| boq_dinov2 (`dinov2_12288.pth`) | `backbone.dino.<hub ViT names>` (its `norm.*` unused) | `aggregator.{proj_c, norm_input, boqs.<i>.*, fc}.*` |
-| boq_resnet (`resnet50_16384.pth`) | `backbone.net.{0,1,4,5,6}.*` (conv1, bn1, layer1-3) | as boq_dinov2 |
-| family (gsv-cities Lightning) | `backbone.model.<torchvision names>` | `aggregator.*` (NetVLAD: `conv.weight`, `centroids`) |
+* `salad` (`dino_salad.ckpt`): `backbone.model.<hub ViT names>`,
+  `aggregator.{token_features, cluster_features, score}.*` and a 0-d `aggregator.dust_bin`;
+* `boq_dinov2` (`dinov2_12288.pth`): `backbone.dino.<hub ViT names>` (its `norm.*` unused when the
+  model skips the final norm), `aggregator.{proj_c, norm_input, boqs.<i>.*, fc}.*`;
+* `boq_resnet` (`resnet50_16384.pth`): `backbone.net.{0,1,4,5,6}.*` (conv1, bn1, layer1-3), the
+  aggregator as boq_dinov2;
+* `family` (gsv-cities Lightning): `backbone.model.<torchvision names>`, `aggregator.*` (NetVLAD:
+  `conv.weight`, `centroids`).
 
 The hub's `mask_token` (DINOv2 pre-training only) and BatchNorm `num_batches_tracked` counters are
 ignored; every other key must match, or `StateDictMismatchError` lists all the differences.

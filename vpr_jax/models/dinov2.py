@@ -1,10 +1,11 @@
 """DINOv2 vision transformers (ViT-S/14, B/14, L/14, g/14) as torch hub builds them, NHWC input.
 
 The module tree follows the hub model's names so that state dicts convert one to one:
-`patch_embed` (hub: `patch_embed.proj`, a 14x14 stride-14 conv), `cls_token`, `pos_embed` (a 37x37 grid + the class
-position, learned at 518x518), optional `register_tokens`, blocks `blocks_<i>` (hub: `blocks.<i>`)
-each holding `norm1`, `attn.qkv`, `attn.proj`, `ls1.gamma`, `norm2`, `mlp.fc1`, `mlp.fc2` (ViT-g:
-the SwiGLU `mlp.w12`, `mlp.w3`), `ls2.gamma`, and the final `norm`. The hub's `mask_token` (used
+`patch_embed` (hub: `patch_embed.proj`, a 14x14 stride-14 conv), `cls_token`, `pos_embed` (a
+37x37 grid + the class position, learned at 518x518), optional `register_tokens`, blocks
+`blocks_<i>` (hub: `blocks.<i>`) each holding `norm1`, `attn.qkv`, `attn.proj`, `ls1.gamma`,
+`norm2`, `mlp.fc1`, `mlp.fc2` (ViT-g: the SwiGLU `mlp.w12`, `mlp.w3`), `ls2.gamma`, and the final
+`norm`. The hub's `mask_token` (used
 only by DINOv2's masked pre-training) is not part of the module.
 
 For an input whose patch grid differs from the learned one, the position embeddings are resampled
