@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 from flax import traverse_util
 import numpy as np
 
-from vpr_jax import checkpointing
+from vpr_jax.errors import StateDictMismatchError
 
 LAYOUT_CONV = 'conv'  # torch OIHW <-> flax HWIO.
 LAYOUT_DENSE = 'dense'  # torch [out, in] <-> flax [in, out].
@@ -55,32 +55,6 @@ CHECKPOINT_LAYOUTS = {
     'family': ('backbone.model.', 'resnet'),
 }
 AGGREGATOR_PREFIX = 'aggregator.'
-
-
-class StateDictMismatchError(checkpointing.CheckpointMismatchError):
-  """A state dict does not match the model: lists every missing, unexpected and mis-shaped key.
-
-  Attributes:
-    missing: expected keys not in the state dict.
-    unexpected: state-dict keys the model has no place for.
-    mismatched: (key, expected torch shape, found shape) triples.
-  """
-
-  def __init__(self, source: str, missing: Sequence[str], unexpected: Sequence[str],
-               mismatched: Sequence[tuple[str, tuple, tuple]]):
-    self.missing = list(missing)
-    self.unexpected = list(unexpected)
-    self.mismatched = list(mismatched)
-    lines = [f'{source} does not match the model '
-             f'({len(self.missing)} missing, {len(self.unexpected)} unexpected, '
-             f'{len(self.mismatched)} mis-shaped keys):']
-    if self.missing:
-      lines.append('  missing keys: ' + ', '.join(self.missing))
-    if self.unexpected:
-      lines.append('  unexpected keys: ' + ', '.join(self.unexpected))
-    for key, expected, found in self.mismatched:
-      lines.append(f'  mis-shaped key {key}: expected {tuple(expected)}, found {tuple(found)}')
-    super().__init__('\n'.join(lines))
 
 
 def torch_key(path: Sequence[str]) -> str:
