@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from vpr_jax.data import benchmarks
 from vpr_jax.data import eval_pipeline
 from vpr_jax.data import images
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IMAGE_SIZE = (24, 32)
 
@@ -100,3 +104,41 @@ def test_worker_processes_give_the_same_batches_and_errors(eval_set, broken_set)
   with pytest.raises(images.ImageDecodeError) as info:
     list(eval_pipeline.make_eval_iterator(broken_root, paths, IMAGE_SIZE, 5, num_workers=2))
   assert bad in str(info.value)
+
+
+_WORKER_SCRIPT = '''
+import os
+import sys
+
+from absl import flags
+import numpy as np
+
+from vpr_jax.data import eval_pipeline
+
+
+def main():
+  flags.FLAGS.mark_as_parsed()
+  root = sys.argv[1]
+  paths = sorted(os.path.join('database', p) for p in os.listdir(os.path.join(root, 'database')))
+  seen = sum(int(np.asarray(b['mask']).sum())
+             for b in eval_pipeline.make_eval_iterator(root, paths, (16, 16), 4, num_workers=2))
+  print(seen, len(paths))
+
+
+if __name__ == '__main__':
+  main()
+'''
+
+
+def test_worker_shared_memory_is_released_before_exit(synthetic_root, tmp_path):
+  """No "leaked shared_memory objects" warning after a pipeline with worker processes."""
+  script = tmp_path / 'run_workers.py'
+  script.write_text(_WORKER_SCRIPT)
+  result = subprocess.run(
+      [sys.executable, str(script), os.path.join(str(synthetic_root), 'synthetic_val')],
+      capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert result.returncode == 0, result.stderr[-3000:]
+  seen, total = result.stdout.split()
+  assert seen == total and int(total) > 0
+  assert 'leaked shared_memory' not in result.stderr, result.stderr[-3000:]

@@ -379,7 +379,7 @@ def test_error_no_place_left(gsv_root, tmp_path):
 
 
 def test_error_bad_arguments(gsv_root):
-  with pytest.raises(ValueError, match='Unknown training layout'):
+  with pytest.raises(ValueError, match='Unknown data.train_layout'):
     gsv_cities.build_place_index(gsv_root, 'msls', ['Alpha'], 4)
   with pytest.raises(ValueError, match='empty'):
     gsv_cities.build_place_index(gsv_root, 'gsv_cities', [], 4)

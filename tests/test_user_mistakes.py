@@ -8,6 +8,7 @@ that changed under a run. Related: test_bad_input (broken datasets), test_prepar
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,8 +36,10 @@ def data_root(tmp_path_factory):
 
 
 def _one_line(stderr: str) -> str:
+  """The one line a refused command prints (absl's INFO log lines, e.g. the devices, aside)."""
   assert 'Traceback' not in stderr, stderr[-3000:]
-  lines = [line for line in stderr.splitlines() if line.strip()]
+  lines = [line for line in stderr.splitlines()
+           if line.strip() and not re.match(r'I\d{4} ', line)]
   assert len(lines) == 1, stderr[-3000:]
   return lines[0]
 

@@ -24,6 +24,7 @@ import grain
 import numpy as np
 
 from vpr_jax.data import images
+from vpr_jax.data import worker_memory
 
 
 class _DecodeBatch:
@@ -109,6 +110,7 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
                                    prefetch_buffer_size=max(1, int(prefetch_batches), num_threads))
   iter_dataset = dataset.to_iter_dataset(read_options)
   if num_workers > 0:
+    worker_memory.release_at_exit()
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=min(num_workers, len(dataset)),
         per_worker_buffer_size=max(1, int(prefetch_batches))))

@@ -58,6 +58,7 @@ import numpy as np
 from vpr_jax.data import augment
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
+from vpr_jax.data import worker_memory
 from vpr_jax.data import workers as worker_counts
 from vpr_jax.data.gsv_cities import PlaceIndex
 from vpr_jax.errors import DatasetError
@@ -311,6 +312,7 @@ class TrainIterator:
     else:
       ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
       # A final IterDataset.batch lets grain hand batches over in shared memory.
+      worker_memory.release_at_exit()
       ds = ds.batch(1).mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.num_workers, per_worker_buffer_size=self._prefetch))
     return iter(ds.map(_unwrap_batch))

@@ -180,17 +180,17 @@ def _train(run: setup.Run, hooks: Sequence[hooks_lib.Hook],
     skipped = metrics.check_finite(run.step)
     if run.step > run.start_step and run.checkpointer.latest_step() != run.step:
       save_checkpoint(run, all_hooks, run.step)
-    if stop.stop_step is not None:
-      if run.is_main:
-        print(f'Stopped by {stop.signal_name} after step {run.step}: checkpoint saved in '
-              f'{run.checkpointer.directory}. Run the same command to resume.', flush=True)
-    else:
+    if stop.stop_step is None:
       all_hooks.on_end(run)
   finally:
     try:
       all_hooks.close()
     finally:
       run.close()
+  if stop.stop_step is not None and run.is_main:
+    # After the progress bar is closed, so that the line stands alone.
+    print(f'Stopped by {stop.signal_name} after step {run.step}: checkpoint saved in '
+          f'{run.checkpointer.directory}. Run the same command to resume.', flush=True)
   return {'step': run.step, 'train': last_record, 'val': run.last_val, 'best_r1': run.best_r1,
           'best_step': run.best_step, 'skipped_steps': skipped,
           'stopped_by': stop.signal_name if stop.stop_step is not None else None}
