@@ -222,7 +222,8 @@ def run(args, train_dir, work_dir=None):
       sources[name] = (prepared_index, source)
       encoded[name] = [source[i] for i in range(raw_count)]
 
-  combos = [(s, d, w) for s in args.source for d in args.decoders for w in args.workers]
+  # Decoders innermost: the runs compared with each other follow one another in every round.
+  combos = [(s, d, w) for s in args.source for w in args.workers for d in args.decoders]
   timed = {c: [] for c in combos}
   raw = {(s, d): [] for s in args.source for d in args.decoders}
   for round_number in range(args.repeats):
@@ -242,15 +243,26 @@ def run(args, train_dir, work_dir=None):
 
   raw_records = []
   for (name, decoder), rates in raw.items():
-    raw_records.append({'source': name, 'decoder': decoder, 'images': raw_count,
-                        'images_per_sec': round(statistics.median(rates), 1),
-                        'all_images_per_sec': [round(r, 1) for r in rates]})
+    record = {'source': name, 'decoder': decoder, 'images': raw_count,
+              'images_per_sec': round(statistics.median(rates), 1),
+              'all_images_per_sec': [round(r, 1) for r in rates]}
+    if 'pil' in args.decoders:
+      ratios = [r / b for r, b in zip(rates, raw[(name, 'pil')])]
+      record['speedup_vs_pil'] = round(statistics.median(ratios), 3)
+    raw_records.append(record)
   raw_rate = {(r['source'], r['decoder']): r['images_per_sec'] for r in raw_records}
   results = []
   for combo in combos:
     record = _median_record(timed[combo])
     per_worker = record['images_per_sec'] / max(record['workers'], 1)
     record['efficiency'] = round(per_worker / raw_rate[combo[:2]], 3)
+    if 'pil' in args.decoders:
+      # Ratios within a round compare runs made seconds apart, under the same load.
+      baseline = timed[(combo[0], 'pil', combo[2])]
+      ratios = [r['images_per_second'] / b['images_per_second']
+                for r, b in zip(timed[combo], baseline)]
+      record['speedup_vs_pil'] = round(statistics.median(ratios), 3)
+      record['all_speedups_vs_pil'] = [round(r, 3) for r in ratios]
     results.append(record)
   return {
       'train_dir': train_dir,
@@ -277,12 +289,14 @@ def run(args, train_dir, work_dir=None):
 
 def format_table(report):
   lines = [f'{"source":>8} | {"decoder":>9} | {"workers":>7} | {"img/s":>10} | '
-           f'{"raw img/s":>10} | {"efficiency":>10} | {"start-up s":>10}', '-' * 87]
+           f'{"raw img/s":>10} | {"efficiency":>10} | {"vs pil":>6} | {"start-up s":>10}',
+           '-' * 96]
   raw_rate = {(r['source'], r['decoder']): r['images_per_sec'] for r in report['raw_decode']}
   for r in report['results']:
+    speedup = f'{r["speedup_vs_pil"]:>6.2f}' if 'speedup_vs_pil' in r else f'{"":>6}'
     lines.append(f'{r["source"]:>8} | {r["decoder"]:>9} | {r["workers"]:>7} | '
                  f'{r["images_per_second"]:>10.1f} | {raw_rate[(r["source"], r["decoder"])]:>10.1f}'
-                 f' | {r["efficiency"]:>10.3f} | {r["startup_seconds"]:>10.1f}')
+                 f' | {r["efficiency"]:>10.3f} | {speedup} | {r["startup_seconds"]:>10.1f}')
   return '\n'.join(lines)
 
 

@@ -55,7 +55,6 @@ from typing import Any, Iterator
 
 from absl import logging
 import grain
-from grain import multiprocessing as grain_multiprocessing
 import numpy as np
 
 from vpr_jax.data import augment
@@ -308,35 +307,24 @@ def _put(pixels: np.ndarray, slot: np.ndarray):
 class _LoadBatch:
   """grain map: [P, 2] (epoch, place) rows -> one batch, every image decoded into its slot.
 
-  In worker processes (`shared_memory`), the batch is allocated in shared memory, so grain hands
-  it to the main process without copying the pixels.
+  In worker processes grain then copies the batch once into shared memory, which the main process
+  reads without a further copy. (Allocating the batch in shared memory here would save that copy
+  but leak the segments of batches still buffered in a worker when the iterator is closed.)
   """
 
-  def __init__(self, load_place: _LoadPlace, images_per_place: int, image_size: tuple[int, int],
-               shared_memory: bool):
+  def __init__(self, load_place: _LoadPlace, images_per_place: int, image_size: tuple[int, int]):
     self._load_place = load_place
     self._k = images_per_place
     self._image_size = image_size
-    self._shared_memory = shared_memory
 
   def __call__(self, elements: np.ndarray) -> dict[str, np.ndarray]:
-    shape = (len(elements), self._k, *self._image_size, 3)
-    if self._shared_memory:
-      out = grain_multiprocessing.SharedMemoryArray(shape, np.uint8)
-    else:
-      out = np.empty(shape, dtype=np.uint8)
-    labels = np.empty(shape[:2], dtype=np.int32)
+    out = np.empty((len(elements), self._k, *self._image_size, 3), dtype=np.uint8)
+    labels = np.empty((len(elements), self._k), dtype=np.int32)
     bad = 0
-    try:
-      for slot, element in enumerate(elements):
-        place = self._load_place(element, out[slot])
-        labels[slot] = place['labels']
-        bad += int(place['num_bad_images'])
-    except BaseException:
-      if self._shared_memory:
-        # Never handed over: nobody else would free the segment.
-        out.unlink_on_del()
-      raise
+    for slot, element in enumerate(elements):
+      place = self._load_place(element, out[slot])
+      labels[slot] = place['labels']
+      bad += int(place['num_bad_images'])
     return {'images': out, 'labels': labels, 'num_bad_images': np.int32(bad)}
 
 
@@ -397,7 +385,7 @@ class TrainIterator:
       ds = remaining.to_iter_dataset(grain.ReadOptions(
           num_threads=1, prefetch_buffer_size=self._prefetch))
     else:
-      # The batches are built in shared memory (`_LoadBatch`): grain passes them on as they are.
+      # grain moves each batch through shared memory (one copy, in the worker).
       ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.num_workers, per_worker_buffer_size=self._prefetch))
@@ -543,7 +531,7 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
                       prepared, min_size, decoder)
   # The (epoch, place) pairs are batched first, so a batch is decoded straight into one array.
   batches = (grain.MapDataset.source(source).batch(places_local, drop_remainder=True)
-             .map(_LoadBatch(loader, k, transform.image_size, shared_memory=workers > 0)))
+             .map(_LoadBatch(loader, k, transform.image_size)))
   fingerprint = {
       'index': index.fingerprint,
       'seed': int(seed),
