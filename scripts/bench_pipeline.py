@@ -27,6 +27,7 @@ The first batch of each run (worker start-up) and --warmup-batches more are not 
 
 import argparse
 import glob
+import multiprocessing
 import math
 import os
 import platform
@@ -127,30 +128,61 @@ def parse_args(argv=None):
   return args
 
 
+def cpu_seconds():
+  """CPU seconds used so far by this process and its live multiprocessing children (Linux).
+
+  On a machine shared with other jobs, images per CPU second measure the work per image; wall
+  time also measures how much of the cores the other jobs left.
+  """
+  total = time.process_time()
+  ticks = os.sysconf('SC_CLK_TCK')
+  for child in multiprocessing.active_children():
+    try:
+      with open(f'/proc/{child.pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    # utime and stime: fields 14 and 15 of proc(5), counted from the state field (3).
+    total += (int(fields[11]) + int(fields[12])) / ticks
+  return total
+
+
 def time_pipeline(index, config, num_workers, num_batches, warmup_batches, seed=0, source=None):
-  """Runs one iterator; returns its start-up time and timed images per second."""
+  """Runs one iterator; returns its start-up time, timed images per second and per CPU second."""
   images_per_batch = config.data.places_per_batch * config.data.images_per_place
-  startup, it, seconds = bench_common.time_iterator(
-      lambda: train_pipeline.make_train_iterator(index, config, seed, num_workers=num_workers,
-                                                 prepared=source),
-      warmup_batches, num_batches)
+  start = time.perf_counter()
+  with train_pipeline.make_train_iterator(index, config, seed, num_workers=num_workers,
+                                          prepared=source) as it:
+    next(it)
+    startup = time.perf_counter() - start
+    for _ in range(warmup_batches):
+      next(it)
+    cpu_start, start = cpu_seconds(), time.perf_counter()
+    for _ in range(num_batches):
+      next(it)
+    seconds = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu_start
+  images = num_batches * images_per_batch
   return {
       'workers': it.num_workers,
       'startup_seconds': round(startup, 3),
       'seconds': round(seconds, 3),
+      'cpu_seconds': round(cpu, 3),
       'batches': num_batches,
-      'images': num_batches * images_per_batch,
-      'images_per_second': round(num_batches * images_per_batch / seconds, 1),
+      'images': images,
+      'images_per_second': round(images / seconds, 1),
+      'images_per_cpu_second': round(images / cpu, 1) if cpu > 0 else None,
   }
 
 
 def time_raw_decode(encoded, image_size, decode_mode):
   """Images per second of decode (+ exact resize to image_size) of in-memory encoded images."""
   min_size, decoder = train_pipeline.decode_settings(_decode_config(image_size, decode_mode))
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   for data in encoded:
     images.resize_array(decode.decode_rgb(data, 'bench', min_size, decoder), image_size)
-  return len(encoded) / (time.perf_counter() - start)
+  return (len(encoded) / (time.perf_counter() - start),
+          len(encoded) / (time.process_time() - cpu_start))
 
 
 def _decode_config(image_size, decode_mode):
@@ -238,24 +270,38 @@ def run(args, train_dir, work_dir=None):
       result.update(source=name, decoder=decoder)
       timed[combo].append(result)
       print(f'round {round_number + 1}/{args.repeats} {name:>8} {decoder:>9} '
-            f'workers {result["workers"]:>3}: {result["images_per_second"]:10.1f} img/s '
+            f'workers {result["workers"]:>3}: {result["images_per_second"]:10.1f} img/s, '
+            f'{result["images_per_cpu_second"] or 0:10.1f} img/CPU-s '
             f'(start-up {result["startup_seconds"]:.1f} s)', flush=True)
 
   raw_records = []
   for (name, decoder), rates in raw.items():
+    wall = [r[0] for r in rates]
+    cpu = [r[1] for r in rates]
     record = {'source': name, 'decoder': decoder, 'images': raw_count,
-              'images_per_sec': round(statistics.median(rates), 1),
-              'all_images_per_sec': [round(r, 1) for r in rates]}
+              'images_per_sec': round(statistics.median(wall), 1),
+              'images_per_cpu_sec': round(statistics.median(cpu), 1),
+              'all_images_per_sec': [round(r, 1) for r in wall],
+              'all_images_per_cpu_sec': [round(r, 1) for r in cpu]}
     if 'pil' in args.decoders:
-      ratios = [r / b for r, b in zip(rates, raw[(name, 'pil')])]
+      ratios = [r[0] / b[0] for r, b in zip(rates, raw[(name, 'pil')])]
       record['speedup_vs_pil'] = round(statistics.median(ratios), 3)
+      record['cpu_speedup_vs_pil'] = round(statistics.median(
+          [r[1] / b[1] for r, b in zip(rates, raw[(name, 'pil')])]), 3)
     raw_records.append(record)
-  raw_rate = {(r['source'], r['decoder']): r['images_per_sec'] for r in raw_records}
+  raw_rate = {(r['source'], r['decoder']): r for r in raw_records}
   results = []
   for combo in combos:
     record = _median_record(timed[combo])
+    cpu_rates = [r['images_per_cpu_second'] for r in timed[combo] if r['images_per_cpu_second']]
+    record['images_per_cpu_sec'] = round(statistics.median(cpu_rates), 1) if cpu_rates else None
+    record['all_images_per_cpu_sec'] = cpu_rates
     per_worker = record['images_per_sec'] / max(record['workers'], 1)
-    record['efficiency'] = round(per_worker / raw_rate[combo[:2]], 3)
+    record['efficiency'] = round(per_worker / raw_rate[combo[:2]]['images_per_sec'], 3)
+    if record['images_per_cpu_sec']:
+      # Work per image of the raw decode over that of the whole pipeline (all its processes).
+      record['cpu_efficiency'] = round(
+          record['images_per_cpu_sec'] / raw_rate[combo[:2]]['images_per_cpu_sec'], 3)
     if 'pil' in args.decoders:
       # Ratios within a round compare runs made seconds apart, under the same load.
       baseline = timed[(combo[0], 'pil', combo[2])]
@@ -263,6 +309,10 @@ def run(args, train_dir, work_dir=None):
                 for r, b in zip(timed[combo], baseline)]
       record['speedup_vs_pil'] = round(statistics.median(ratios), 3)
       record['all_speedups_vs_pil'] = [round(r, 3) for r in ratios]
+      if record['images_per_cpu_sec']:
+        record['cpu_speedup_vs_pil'] = round(statistics.median(
+            [r['images_per_cpu_second'] / b['images_per_cpu_second']
+             for r, b in zip(timed[combo], baseline)]), 3)
     results.append(record)
   return {
       'train_dir': train_dir,
@@ -288,15 +338,19 @@ def run(args, train_dir, work_dir=None):
 
 
 def format_table(report):
-  lines = [f'{"source":>8} | {"decoder":>9} | {"workers":>7} | {"img/s":>10} | '
-           f'{"raw img/s":>10} | {"efficiency":>10} | {"vs pil":>6} | {"start-up s":>10}',
-           '-' * 96]
-  raw_rate = {(r['source'], r['decoder']): r['images_per_sec'] for r in report['raw_decode']}
+  lines = [f'{"source":>8} | {"decoder":>9} | {"workers":>7} | {"img/s":>8} | {"vs pil":>6} | '
+           f'{"img/CPU-s":>9} | {"vs pil":>6} | {"raw img/CPU-s":>13} | {"CPU effic.":>10} | '
+           f'{"start-up s":>10}', '-' * 115]
+  raw = {(r['source'], r['decoder']): r for r in report['raw_decode']}
   for r in report['results']:
-    speedup = f'{r["speedup_vs_pil"]:>6.2f}' if 'speedup_vs_pil' in r else f'{"":>6}'
+    def cell(key, width, digits):
+      value = r.get(key)
+      return f'{value:>{width}.{digits}f}' if value is not None else ' ' * width
     lines.append(f'{r["source"]:>8} | {r["decoder"]:>9} | {r["workers"]:>7} | '
-                 f'{r["images_per_second"]:>10.1f} | {raw_rate[(r["source"], r["decoder"])]:>10.1f}'
-                 f' | {r["efficiency"]:>10.3f} | {speedup} | {r["startup_seconds"]:>10.1f}')
+                 f'{cell("images_per_second", 8, 1)} | {cell("speedup_vs_pil", 6, 2)} | '
+                 f'{cell("images_per_cpu_sec", 9, 1)} | {cell("cpu_speedup_vs_pil", 6, 2)} | '
+                 f'{raw[(r["source"], r["decoder"])]["images_per_cpu_sec"]:>13.1f} | '
+                 f'{cell("cpu_efficiency", 10, 3)} | {cell("startup_seconds", 10, 1)}')
   return '\n'.join(lines)
 
 
