@@ -85,6 +85,11 @@ def get_config():
   # absolute; the place index and the JPEGs are then read from its ArrayRecord shards instead of
   # data.train_dir. '' reads the original images.
   data.prepared_dir = ''
+  # Training image decode: 'exact' (libjpeg-turbo for JPEGs, Pillow otherwise; Pillow's pixels),
+  # 'dct_scaled' (JPEGs decoded at 1/2, 1/4 or 1/8 scale, still >= image_size, then the exact
+  # resize: faster on large originals, pixels close to but not equal to 'exact') or 'pil' (Pillow
+  # only; 'exact' pixels, slower). Evaluation always decodes exactly.
+  data.decode = 'exact'
   # Train augmentation: 'randaugment' (CPU, torchvision semantics), 'device' (on the
   # accelerator inside the step) or 'none'.
   data.augment = 'randaugment'

@@ -77,6 +77,7 @@ from vpr_jax.data import gsv_cities
 from vpr_jax.data import prepared
 from vpr_jax.data import synthetic
 from vpr_jax.data import train_pipeline
+from vpr_jax.data import workers
 from vpr_jax.models import vpr_model
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -868,7 +869,7 @@ def parse_args(argv=None):
   args.synthetic_places = args.synthetic_places or (8 if tiny else 400)
   args.source_size = args.source_size or ((48, 64) if tiny else (480, 640))
   if args.workers is None:
-    args.workers = 0 if tiny else train_pipeline.resolve_num_workers(-1)
+    args.workers = 0 if tiny else workers.resolve_num_workers(-1)
   args.eval_batch_size = args.eval_batch_size or (8 if tiny else 256)
   args.eval_batches = args.eval_batches or (2 if tiny else 40)
   if args.steps <= 0 or args.warmup < 0 or args.workers < 0:

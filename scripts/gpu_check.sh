@@ -36,7 +36,8 @@ cd "$repo"
 
 # Packages the GPU image (Python 3.12, JAX, torch) lacks; versions as in the project's venv.
 WHEELS=(grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml-collections==1.1.0
-        faiss-cpu==1.15.1 pytorch-metric-learning==2.9.0 importlib-resources==6.5.2)
+        faiss-cpu==1.15.1 pytorch-metric-learning==2.9.0 importlib-resources==6.5.2
+        simplejpeg==1.9.0)
 
 if [[ $mode == wheels ]]; then
   mkdir -p .whl
@@ -117,7 +118,7 @@ trap 'rm -rf "$work"' EXIT
   "$py" - <<'EOF'
 import importlib
 for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'array_record',
-             'ml_collections', 'faiss', 'numpy', 'PIL', 'torch', 'torchvision',
+             'ml_collections', 'faiss', 'numpy', 'PIL', 'simplejpeg', 'torch', 'torchvision',
              'pytorch_metric_learning'):
   try:
     module = importlib.import_module(name)

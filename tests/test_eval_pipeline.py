@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from vpr_jax import errors
 from vpr_jax.data import benchmarks
 from vpr_jax.data import eval_pipeline
 from vpr_jax.data import images
@@ -87,7 +88,7 @@ def broken_set(eval_set, tmp_path_factory):
 
 def test_undecodable_image_is_an_error_naming_the_file(broken_set):
   root, paths, bad = broken_set
-  with pytest.raises(images.ImageDecodeError) as info:
+  with pytest.raises(errors.ImageDecodeError) as info:
     list(eval_pipeline.make_eval_iterator(root, paths, IMAGE_SIZE, 4))
   assert info.value.path == os.path.join(root, bad)
 
@@ -101,7 +102,7 @@ def test_worker_processes_give_the_same_batches_and_errors(eval_set, broken_set)
     np.testing.assert_array_equal(joined[key], joined_workers[key])
 
   broken_root, paths, bad = broken_set
-  with pytest.raises(images.ImageDecodeError) as info:
+  with pytest.raises(errors.ImageDecodeError) as info:
     list(eval_pipeline.make_eval_iterator(broken_root, paths, IMAGE_SIZE, 5, num_workers=2))
   assert bad in str(info.value)
 

@@ -7,6 +7,7 @@ from PIL import Image
 from PIL import ImageFile
 import pytest
 
+from vpr_jax import errors
 from vpr_jax.data import images
 
 
@@ -33,7 +34,7 @@ def test_truncated_jpeg_is_an_error(good_jpeg, tmp_path, cut):
   data = good_jpeg.read_bytes()
   path = tmp_path / 'truncated.jpg'
   path.write_bytes(data[:int(len(data) * cut)])
-  with pytest.raises(images.ImageDecodeError, match='truncated') as info:
+  with pytest.raises(errors.ImageDecodeError, match='truncated') as info:
     images.load_rgb(path)
   assert info.value.path == str(path)
 
@@ -41,14 +42,14 @@ def test_truncated_jpeg_is_an_error(good_jpeg, tmp_path, cut):
 def test_jpeg_missing_only_its_end_marker_is_an_error(good_jpeg, tmp_path):
   path = tmp_path / 'no_eoi.jpg'
   path.write_bytes(good_jpeg.read_bytes()[:-2])
-  with pytest.raises(images.ImageDecodeError):
+  with pytest.raises(errors.ImageDecodeError):
     images.load_rgb(path)
 
 
 def test_zero_byte_file(tmp_path):
   path = tmp_path / 'empty.jpg'
   path.write_bytes(b'')
-  with pytest.raises(images.ImageDecodeError, match='empty file') as info:
+  with pytest.raises(errors.ImageDecodeError, match='empty file') as info:
     images.load_rgb(path)
   assert str(path) in str(info.value)
 
@@ -58,7 +59,7 @@ def test_corrupt_header(good_jpeg, tmp_path):
   data[2:40] = _pixels((38,), seed=1).tobytes()
   path = tmp_path / 'corrupt.jpg'
   path.write_bytes(bytes(data))
-  with pytest.raises(images.ImageDecodeError):
+  with pytest.raises(errors.ImageDecodeError):
     images.load_rgb(path)
 
 
@@ -68,19 +69,19 @@ def test_corrupt_png_data(tmp_path):
   data = bytearray(path.read_bytes())
   data[60:90] = bytes(30)
   path.write_bytes(bytes(data))
-  with pytest.raises(images.ImageDecodeError):
+  with pytest.raises(errors.ImageDecodeError):
     images.load_rgb(path)
 
 
 def test_text_file(tmp_path):
   path = tmp_path / 'notes.jpg'
   path.write_text('not an image\n')
-  with pytest.raises(images.ImageDecodeError, match='not a recognised image format'):
+  with pytest.raises(errors.ImageDecodeError, match='not a recognised image format'):
     images.load_rgb(path)
 
 
 def test_missing_file(tmp_path):
-  with pytest.raises(images.ImageDecodeError, match='cannot read file'):
+  with pytest.raises(errors.ImageDecodeError, match='cannot read file'):
     images.load_rgb(tmp_path / 'missing.jpg')
 
 
@@ -157,8 +158,8 @@ def test_load_truncated_images_flag_is_refused(good_jpeg, monkeypatch):
 
 
 def test_decode_error_pickles():
-  error = pickle.loads(pickle.dumps(images.ImageDecodeError('/a/b.jpg', 'broken')))
-  assert isinstance(error, images.ImageDecodeError)
+  error = pickle.loads(pickle.dumps(errors.ImageDecodeError('/a/b.jpg', 'broken')))
+  assert isinstance(error, errors.ImageDecodeError)
   assert error.path == '/a/b.jpg' and error.reason == 'broken'
   assert '/a/b.jpg' in str(error)
 

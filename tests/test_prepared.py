@@ -9,6 +9,7 @@ import grain
 import numpy as np
 import pytest
 
+from vpr_jax import errors
 from vpr_jax.configs import default as default_config
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
@@ -132,7 +133,7 @@ def test_undecodable_source_is_an_empty_record_that_names_the_file(tmp_path):
   assert info['bad_images'][0]['path'] == index.image_paths[broken].decode()
   source = prepared.PreparedSource(str(tmp_path / 'prep'))
   assert source[broken] == b''
-  with pytest.raises(images.ImageDecodeError) as error:
+  with pytest.raises(errors.ImageDecodeError) as error:
     source.load_rgb(broken)
   assert index.image_path(broken) in str(error.value)
   assert source.load_array(broken + 1).shape == (16, 16, 3)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
+from vpr_jax import errors
 from vpr_jax.data import benchmarks
 from vpr_jax.data import gsv_cities
-from vpr_jax.data import images
 from vpr_jax.data import prepared
 from vpr_jax.data import synthetic
 from vpr_jax.data import tfds_builders
@@ -149,7 +149,7 @@ def test_undecodable_image_is_empty_and_named(tmp_path):
       min_img_per_place=4, encoding=tfds_builders.ImageEncoding((16, 16)))
   _, source = tfds_builders.open_training_set(folder)
   assert source[broken] == b''
-  with pytest.raises(images.ImageDecodeError) as error:
+  with pytest.raises(errors.ImageDecodeError) as error:
     source.load_rgb(broken)
   assert index.image_path(broken) in str(error.value)
   assert source.load_array(broken + 1).shape == (16, 16, 3)

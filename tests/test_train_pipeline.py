@@ -10,10 +10,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from vpr_jax import errors
 from vpr_jax.configs import default
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
 from vpr_jax.data import train_pipeline
+from vpr_jax.data import workers
 
 SIZE = 16
 # city -> {place_id: number of images}; 12 places with 4 to 7 images.
@@ -300,7 +302,7 @@ def test_bad_images_replaced_counted_and_named(tmp_path, caplog):
   for path in [index.image_path(i) for i in index.place_images(2)[2:]]:
     _corrupt(path)
   broken = train_pipeline.make_train_iterator(index, config, seed=0, num_workers=0)
-  with pytest.raises(images.ImageDecodeError, match='none of the 4 images of place 2'):
+  with pytest.raises(errors.ImageDecodeError, match='none of the 4 images of place 2'):
     next(broken)
 
 
@@ -333,9 +335,9 @@ def test_errors(index, data_root):
 
 
 def test_resolve_num_workers():
-  assert train_pipeline.resolve_num_workers(0) == 0
-  assert train_pipeline.resolve_num_workers(3) == 3
-  assert 1 <= train_pipeline.resolve_num_workers(-1) <= 16
+  assert workers.resolve_num_workers(0) == 0
+  assert workers.resolve_num_workers(3) == 3
+  assert 1 <= workers.resolve_num_workers(-1) <= 16
 
 
 def test_synthetic_gsv_cities_end_to_end(synthetic_root):

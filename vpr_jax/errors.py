@@ -54,6 +54,10 @@ class ImageDecodeError(UserError):
     self.reason = str(reason)
     super().__init__(f'cannot decode image {self.path!r}: {self.reason}')
 
+  def __reduce__(self):
+    # Errors raised in data worker processes are pickled back to the parent.
+    return (type(self), (self.path, self.reason))
+
 
 class TooManyBadImagesError(UserError, RuntimeError):
   """More training images failed to decode than data.max_bad_image_fraction allows."""

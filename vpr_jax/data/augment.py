@@ -152,6 +152,8 @@ class RandAugment:
 class TrainTransform:
   """Resize to (H, W) -> optional RandAugment -> uint8 [H, W, 3] (picklable).
 
+  Takes a PIL image or decoded uint8 [h, w, 3] pixels.
+
   Normalisation is left to the model on the device, so batches travel as uint8.
   """
 
@@ -159,7 +161,17 @@ class TrainTransform:
     self.image_size = (int(image_size[0]), int(image_size[1]))
     self.randaugment = randaugment
 
-  def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
+  @property
+  def augments(self) -> bool:
+    """Whether the pixels change beyond the resize (False: decoded arrays pass through)."""
+    return self.randaugment is not None
+
+  def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if isinstance(img, np.ndarray):
+      if self.randaugment is None:
+        # Decoded pixels at the training size pass through untouched (no PIL round trip).
+        return images.resize_array(img, self.image_size)
+      img = Image.fromarray(img)
     img = resize_image(img, self.image_size)
     if self.randaugment is not None:
       img = self.randaugment(img, rng)

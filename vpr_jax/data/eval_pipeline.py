@@ -100,7 +100,7 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
     `index` int32 [B] (position in `relative_paths`, -1 for padding).
 
   Raises:
-    images.ImageDecodeError: (while iterating) an image cannot be decoded; names the file.
+    errors.ImageDecodeError: (while iterating) an image cannot be decoded; names the file.
   """
   if num_workers < 0:
     raise ValueError(f'num_workers must be >= 0, got {num_workers}')

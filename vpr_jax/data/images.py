@@ -1,26 +1,8 @@
-"""Robust image decoding and torchvision-exact resizing on PIL images.
+"""Decoding to PIL images and torchvision-exact resizing.
 
-Every pipeline of vpr_jax reads images through `load_rgb`, so the rules below hold everywhere:
-
-* The whole file is decoded (`Image.load()` is forced), so a truncated or corrupt file fails at
-  read time, inside the worker that reads it, with the file named in the error. PIL's global
-  `ImageFile.LOAD_TRUNCATED_IMAGES` must be False: with it set, PIL fills the missing part of a
-  truncated JPEG with grey and reports success, so `load_rgb` refuses to run.
-* Every mode becomes 8-bit RGB:
-  - 'RGB' is kept; 'L', '1', 'P' (without transparency), 'CMYK', 'YCbCr', 'LAB', 'HSV' go through
-    PIL's own `convert('RGB')` (what `Image.open(path).convert('RGB')` gives in the PyTorch
-    references);
-  - modes with transparency ('RGBA', 'LA', 'PA', 'RGBa', 'La', and 'P' with a transparency
-    entry) are composited on black: out = colour * alpha / 255 (PIL's `paste` with the alpha as
-    mask). Plain `convert('RGB')` would instead drop alpha and expose whatever colour the fully
-    transparent pixels carry, which is often garbage;
-  - 16-bit greyscale ('I;16', 'I;16B', 'I;16L', 'I;16N') and 32-bit integer 'I' (how PIL opens
-    16-bit PNGs) are read as 16-bit intensities and scaled to 8 bits (value / 257, rounded);
-    PIL's `convert` would clip them at 255 instead;
-  - 'F' (float) is clipped to [0, 255] as PIL's `convert` does.
-* EXIF orientation is NOT applied: neither torchvision nor the PyTorch references apply it, and
-  descriptors must match theirs.
-* Multi-frame files (GIF, TIFF) give their first frame.
+Every pipeline of vpr_jax decodes through `vpr_jax.data.decode` (libjpeg-turbo for JPEGs, Pillow
+for the rest; its module doc has the rules: full decodes, mode conversions, errors); `load_rgb`
+is that decoder with the result as a PIL image, for the steps that work on PIL images.
 
 `resize` reproduces `torchvision.transforms.Resize((H, W))` on PIL images bit for bit: torchvision
 calls `img.resize((W, H), Image.BILINEAR)`, which in PIL is an antialiased (support-scaled)
@@ -34,64 +16,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
-from PIL import ImageFile
 
-from vpr_jax.errors import ImageDecodeError
-
-# Modes whose conversion to RGB goes through PIL's `convert('RGB')` as is.
-_PLAIN_CONVERT_MODES = frozenset({'1', 'L', 'P', 'CMYK', 'YCbCr', 'LAB', 'HSV', 'RGBX'})
-# Modes carrying an alpha channel (premultiplied ones included).
-_ALPHA_MODES = frozenset({'RGBA', 'LA', 'PA', 'RGBa', 'La'})
-_SIXTEEN_BIT_MODES = frozenset({'I;16', 'I;16B', 'I;16L', 'I;16N', 'I'})
-
-
-def _check_truncation_policy():
-  if ImageFile.LOAD_TRUNCATED_IMAGES:
-    raise RuntimeError(
-        'PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: PIL would silently accept '
-        'truncated images (filling them with grey). Something in this process set it; vpr_jax '
-        'requires it to be False.')
-
-
-def _alpha_on_black(img: Image.Image) -> Image.Image:
-  rgba = img.convert('RGBA')
-  out = Image.new('RGB', rgba.size, (0, 0, 0))
-  out.paste(rgba.convert('RGB'), mask=rgba.getchannel('A'))
-  return out
-
-
-def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
-  values = np.asarray(img).astype(np.float64)
-  values = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-  return Image.fromarray(np.stack([values] * 3, axis=-1), mode='RGB')
-
-
-def ensure_rgb(img: Image.Image) -> Image.Image:
-  """Converts a decoded PIL image of any supported mode to 8-bit RGB (rules in the module doc).
-
-  Args:
-    img: a loaded PIL image.
-
-  Returns:
-    An 'RGB' PIL image (the same object when it already is one).
-
-  Raises:
-    ValueError: the mode has no defined conversion.
-  """
-  mode = img.mode
-  if mode == 'RGB':
-    return img
-  if mode == 'P' and 'transparency' in img.info:
-    return _alpha_on_black(img)
-  if mode in _ALPHA_MODES:
-    return _alpha_on_black(img)
-  if mode in _PLAIN_CONVERT_MODES:
-    return img.convert('RGB')
-  if mode in _SIXTEEN_BIT_MODES:
-    return _high_bit_depth_to_rgb(img)
-  if mode == 'F':
-    return img.convert('RGB')
-  raise ValueError(f'unsupported image mode {mode!r}')
+from vpr_jax.data import decode
 
 
 def load_rgb(path: str | os.PathLike, draft_size: tuple[int, int] | None = None) -> Image.Image:
@@ -110,29 +36,7 @@ def load_rgb(path: str | os.PathLike, draft_size: tuple[int, int] | None = None)
     ImageDecodeError: missing, empty, truncated, corrupt or not an image.
     RuntimeError: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process.
   """
-  _check_truncation_policy()
-  path = os.fspath(path)
-  try:
-    size = os.path.getsize(path)
-  except OSError as e:
-    raise ImageDecodeError(path, f'cannot read file ({e.strerror or e})') from None
-  if size == 0:
-    raise ImageDecodeError(path, 'empty file (0 bytes)')
-  try:
-    # Leaving the block closes the file only; the decoded pixels stay in memory.
-    with Image.open(path) as img:
-      if draft_size is not None and img.format == 'JPEG':
-        img.draft('RGB', (int(draft_size[1]), int(draft_size[0])))
-      img.load()
-      rgb = ensure_rgb(img)
-  except Image.UnidentifiedImageError:
-    raise ImageDecodeError(path, 'not a recognised image format') from None
-  except MemoryError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    # Decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error... on bad data.
-    raise ImageDecodeError(path, f'{type(e).__name__}: {e}') from None
-  return rgb
+  return Image.fromarray(decode.read_rgb(path, min_size=draft_size))
 
 
 def _check_size(size: Sequence[int]) -> tuple[int, int]:
@@ -180,4 +84,20 @@ def load_resized_array(path: str | os.PathLike, size: Sequence[int]) -> np.ndarr
   Raises:
     ImageDecodeError: the file cannot be decoded.
   """
-  return to_uint8_array(resize(load_rgb(path), size))
+  return resize_array(decode.read_rgb(path), size)
+
+
+def resize_array(pixels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+  """`resize` on uint8 [h, w, 3] pixels: the array itself when it already has the size.
+
+  Args:
+    pixels: uint8 [h, w, 3].
+    size: (height, width).
+
+  Returns:
+    uint8 [height, width, 3], torchvision-exact (PIL's antialiased bilinear).
+  """
+  height, width = _check_size(size)
+  if pixels.shape[:2] == (height, width):
+    return pixels
+  return to_uint8_array(resize(Image.fromarray(pixels), (height, width)))

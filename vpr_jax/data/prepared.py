@@ -60,6 +60,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from vpr_jax import errors
+from vpr_jax.data import decode
 from vpr_jax.data import images
 from vpr_jax.errors import PreparedDataError
 from vpr_jax.data.gsv_cities import PlaceIndex
@@ -113,29 +115,32 @@ def encode_jpeg(img: Image.Image, quality: int, subsampling: str) -> bytes:
   return buffer.getvalue()
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-  """Decodes encoded image bytes completely into an 8-bit RGB PIL image.
+def decode_pixels(data: bytes, name: str, min_size: Sequence[int] | None = None,
+                  decoder: str = 'turbo', out: np.ndarray | None = None) -> np.ndarray:
+  """Decodes a record completely into 8-bit RGB pixels (`decode.decode_rgb`).
 
   Args:
     data: the encoded image (an empty record marks a source image that could not be read).
     name: what to call the image in errors (the source file).
+    min_size: optional (H, W) for a DCT-scaled decode (`decode.decode_rgb`).
+    decoder: 'turbo' or 'pil' (`decode.DECODERS`).
+    out: optional array to decode into (`decode.decode_rgb`).
 
   Returns:
-    The RGB image (`images.ensure_rgb` rules).
+    uint8 [H, W, 3].
 
   Raises:
-    images.ImageDecodeError: empty or undecodable bytes.
+    errors.ImageDecodeError: empty or undecodable bytes.
   """
   if not data:
-    raise images.ImageDecodeError(
+    raise errors.ImageDecodeError(
         name, 'the source image could not be decoded when the data was prepared (empty record)')
-  try:
-    with Image.open(io.BytesIO(data)) as img:
-      img.load()
-      return images.ensure_rgb(img)
-  except Exception as e:  # pylint: disable=broad-except
-    # Decoders raise OSError, SyntaxError, ValueError... on bad data.
-    raise images.ImageDecodeError(name, f'{type(e).__name__}: {e}') from None
+  return decode.decode_rgb(data, name, min_size, decoder, out)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+  """`decode_pixels` as an RGB PIL image."""
+  return Image.fromarray(decode_pixels(data, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +155,7 @@ class _EncodeJob:
     """Returns (JPEG bytes, '') or (b'', reason the source could not be read)."""
     try:
       img = images.load_rgb(path)
-    except images.ImageDecodeError as e:
+    except errors.ImageDecodeError as e:
       return b'', e.reason
     width, height = resized_size(img.width, img.height, self.image_size, self.short_side)
     if (width, height) != img.size:
@@ -541,18 +546,34 @@ class PreparedSource:
       records = records[np.asarray(which, np.int64)]
     return self.__getitems__(records.tolist())
 
+  def record_name(self, record: int) -> str:
+    """How errors name a record: its source file, the record number and the folder."""
+    return f'{self.source_path(record)} (prepared record {record} in {self._directory})'
+
+  def load_pixels(self, record: int, min_size: Sequence[int] | None = None,
+                  decoder: str = 'turbo', out: np.ndarray | None = None) -> np.ndarray:
+    """Decoded record as uint8 [H, W, 3] (`decode_pixels`; `out` as in `decode.decode_rgb`).
+
+    Raises:
+      errors.ImageDecodeError: naming the source file, when the record is empty or corrupt.
+    """
+    try:
+      return decode_pixels(self[record], '', min_size, decoder, out)
+    except errors.ImageDecodeError as e:
+      # The name needs the paths (tens of MB), loaded only when something fails.
+      raise errors.ImageDecodeError(self.record_name(record), e.reason) from None
+
   def load_rgb(self, record: int) -> Image.Image:
     """Decoded record as an RGB PIL image (a drop-in for `images.load_rgb(path)`).
 
     Raises:
-      images.ImageDecodeError: naming the source file, when the record is empty or corrupt.
+      errors.ImageDecodeError: naming the source file, when the record is empty or corrupt.
     """
-    return decode_image(self[record], f'{self.source_path(record)} (prepared record {record} in '
-                        f'{self._directory})')
+    return Image.fromarray(self.load_pixels(record))
 
   def load_array(self, record: int) -> np.ndarray:
     """Decoded record as uint8 [H, W, 3]."""
-    return images.to_uint8_array(self.load_rgb(record))
+    return self.load_pixels(record)
 
 
 def _same_cities(a: Sequence[str], b: Sequence[str]) -> bool:

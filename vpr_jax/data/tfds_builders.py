@@ -34,7 +34,7 @@ with `tfds.decode.SkipDecoding()` for the image; image reads take the bytes stra
 serialized example, which TFDS's generic decoding of every feature would make ~10x slower).
 
 Images that cannot be decoded while building are stored as empty bytes: reading one raises
-`images.ImageDecodeError` naming the source file, so the train pipeline's bad-image handling
+`errors.ImageDecodeError` naming the source file, so the train pipeline's bad-image handling
 applies.
 """
 
@@ -55,6 +55,7 @@ import tensorflow_datasets as tfds
 # The Example proto TFDS itself parses records with when TensorFlow is absent.
 from tensorflow_datasets.proto import tf_example_pb2
 
+from vpr_jax import errors
 from vpr_jax.configs import default
 from vpr_jax.data import benchmarks
 from vpr_jax.data import gsv_cities
@@ -109,7 +110,7 @@ class ImageEncoding:
         return b'', f'{type(e).__name__}: {e}'
     try:
       img = images.load_rgb(path)
-    except images.ImageDecodeError as e:
+    except errors.ImageDecodeError as e:
       return b'', e.reason
     width, height = prepared.resized_size(img.width, img.height, self.image_size,
                                           self.short_side)
@@ -602,13 +603,13 @@ class SplitSource:
     """Decoded record as an RGB PIL image (a drop-in for `images.load_rgb(path)`).
 
     Raises:
-      images.ImageDecodeError: naming the source file, when the record is empty or corrupt.
+      errors.ImageDecodeError: naming the source file, when the record is empty or corrupt.
     """
     try:
       return prepared.decode_image(self[record], '')
-    except images.ImageDecodeError as e:
+    except errors.ImageDecodeError as e:
       # The source path is looked up only for the message.
-      raise images.ImageDecodeError(
+      raise errors.ImageDecodeError(
           f'{self.source_path(record)} (record {record} of {self._split} in {self._directory})',
           e.reason) from None
 

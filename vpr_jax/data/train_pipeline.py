@@ -16,7 +16,8 @@ Elements. A place gives K images: drawn without replacement, fresh every epoch, 
 Generator seeded with (seed, epoch, place) (or the K most recent, by date then latitude, when
 `data.random_sample_from_each_place` is False). The same Generator then drives RandAugment, so
 every batch is a pure function of (seed, step) whatever the number of workers. Each image is
-resized (PIL bilinear), augmented and returned as uint8; normalisation happens on the device.
+decoded (`vpr_jax.data.decode`; `data.decode` chooses exact or DCT-scaled), resized (PIL
+bilinear), augmented and returned as uint8; normalisation happens on the device.
 
 Undecodable images. An image that cannot be decoded is replaced by the next image of the same
 place in the sampling order (the remaining images of the place, in the same random order; for
@@ -55,12 +56,14 @@ from absl import logging
 import grain
 import numpy as np
 
+from vpr_jax import errors
 from vpr_jax.data import augment
+from vpr_jax.data import decode
 from vpr_jax.data import gsv_cities
-from vpr_jax.data import images
 from vpr_jax.data import worker_memory
 from vpr_jax.data import workers as worker_counts
 from vpr_jax.data.gsv_cities import PlaceIndex
+from vpr_jax.errors import ConfigError
 from vpr_jax.errors import DatasetError
 from vpr_jax.errors import TooManyBadImagesError
 
@@ -72,6 +75,9 @@ _ORDER_STREAM = 1
 _PLACE_STREAM = 2
 # The bad-image fraction is judged over at least this many reads (or one epoch, if smaller).
 _MIN_READS_FOR_BAD_FRACTION = 1000
+# config.data.decode: 'exact' (libjpeg-turbo, Pillow's pixels), 'dct_scaled' (JPEGs decoded at a
+# reduced DCT scale still >= image_size, then the exact resize) or 'pil' (Pillow only).
+DECODE_MODES = ('exact', 'dct_scaled', 'pil')
 
 
 def _seed64(seed: int) -> int:
@@ -203,61 +209,119 @@ class _EpochPlaceSource:
     return np.array([epoch, self._order(epoch)[position]], dtype=np.int64)
 
 
+def decode_settings(config) -> tuple[tuple[int, int] | None, str]:
+  """(min_size, decoder) of `decode.decode_rgb` for config.data.decode (see DECODE_MODES)."""
+  mode = config.data.get('decode', 'exact')
+  if mode not in DECODE_MODES:
+    raise ConfigError(f'Unknown data.decode {mode!r}; valid choices: {", ".join(DECODE_MODES)}.')
+  min_size = tuple(int(s) for s in config.image_size) if mode == 'dct_scaled' else None
+  return min_size, 'pil' if mode == 'pil' else 'turbo'
+
+
 class _LoadPlace:
   """grain map: (epoch, place) -> K decoded, resized, augmented images and their labels."""
 
   def __init__(self, index: PlaceIndex, seed: int, images_per_place: int, random_sample: bool,
-               transform: augment.TrainTransform, prepared: Any = None):
+               transform: augment.TrainTransform, prepared: Any = None,
+               min_size: tuple[int, int] | None = None, decoder: str = 'turbo'):
     self._index = index
     self._seed = seed
     self._k = images_per_place
     self._random_sample = random_sample
     self._transform = transform
     self._prepared = prepared
+    self._min_size = min_size
+    self._decoder = decoder
 
-  def _load(self, image: int):
+  def _load(self, image: int, out: np.ndarray | None) -> np.ndarray:
     if self._prepared is not None:
-      return self._prepared.load_rgb(image)
-    return images.load_rgb(self._index.image_path(image))
+      return self._prepared.load_pixels(image, self._min_size, self._decoder, out)
+    return decode.read_rgb(self._index.image_path(image), self._min_size, self._decoder, out)
 
-  def __call__(self, element: np.ndarray) -> dict[str, np.ndarray]:
+  def __call__(self, element: np.ndarray, out: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Loads one place.
+
+    Args:
+      element: (epoch, place position).
+      out: optional uint8 [K, H, W, 3] to write the images into (a slice of the batch).
+
+    Returns:
+      {'images': uint8 [K, H, W, 3] (`out` when given), 'labels': int32 [K],
+      'num_bad_images': int32}.
+    """
     epoch, place = int(element[0]), int(element[1])
     index = self._index
     rng = np.random.default_rng([_seed64(self._seed), _PLACE_STREAM, epoch, place])
     candidates = place_image_order(index, place, rng, self._random_sample)
     label = int(index.place_ids[place])
-    decoded, out, bad = [], [], 0
+    if out is None:
+      out = np.empty((self._k, *self._transform.image_size, 3), dtype=np.uint8)
+    # Without augmentation, images already at the training size are decoded straight into the
+    # batch (no intermediate copies).
+    into_batch = not self._transform.augments
+    decoded, filled, bad = [], 0, 0
     for image in candidates:
-      if len(out) == self._k:
+      if filled == self._k:
         break
       try:
-        img = self._load(int(image))
-      except images.ImageDecodeError as e:
+        pixels = self._load(int(image), out[filled] if into_batch else None)
+      except errors.ImageDecodeError as e:
         bad += 1
         logging.warning('Skipping undecodable training image (place %d): %s', label, e)
         continue
-      decoded.append(img)
-      out.append(self._transform(img, rng))
+      decoded.append(pixels)
+      _put(self._transform(pixels, rng), out[filled])
+      filled += 1
     if not decoded:
       paths = [index.image_path(int(i)) for i in candidates]
-      raise images.ImageDecodeError(
+      raise errors.ImageDecodeError(
           paths[0], f'none of the {len(paths)} images of place {label} could be decoded '
           f'({", ".join(paths)})')
-    while len(out) < self._k:
-      out.append(self._transform(decoded[len(out) % len(decoded)], rng))
+    while filled < self._k:
+      _put(self._transform(decoded[filled % len(decoded)], rng), out[filled])
+      filled += 1
     return {
-        'images': np.stack(out),
+        'images': out,
         'labels': np.full((self._k,), label, dtype=np.int32),
         'num_bad_images': np.int32(bad),
     }
 
 
-def _unwrap_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Drops the size-1 leading axis added for the shared-memory transfer; sums bad images."""
+def _put(pixels: np.ndarray, slot: np.ndarray):
+  if pixels is not slot:
+    slot[...] = pixels
+
+
+class _LoadBatch:
+  """grain map: [P, 2] (epoch, place) rows -> one batch, every image decoded into its slot.
+
+  In worker processes grain then copies the batch once into shared memory, which the main process
+  reads without a further copy. (Allocating the batch in shared memory here would save that copy
+  but leak the segments of batches still buffered in a worker when the iterator is closed.)
+  """
+
+  def __init__(self, load_place: _LoadPlace, images_per_place: int, image_size: tuple[int, int]):
+    self._load_place = load_place
+    self._k = images_per_place
+    self._image_size = image_size
+
+  def __call__(self, elements: np.ndarray) -> dict[str, np.ndarray]:
+    out = np.empty((len(elements), self._k, *self._image_size, 3), dtype=np.uint8)
+    labels = np.empty((len(elements), self._k), dtype=np.int32)
+    bad = 0
+    for slot, element in enumerate(elements):
+      place = self._load_place(element, out[slot])
+      labels[slot] = place['labels']
+      bad += int(place['num_bad_images'])
+    return {'images': out, 'labels': labels, 'num_bad_images': np.int32(bad)}
+
+
+def _as_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Plain numpy arrays (views of the shared memory, no copy) and the bad-image count."""
   return {
-      'images': np.asarray(batch['images'][0]),
-      'labels': np.asarray(batch['labels'][0]),
-      'num_bad_images': np.int32(np.sum(batch['num_bad_images'])),
+      'images': np.asarray(batch['images']),
+      'labels': np.asarray(batch['labels']),
+      'num_bad_images': np.int32(batch['num_bad_images']),
   }
 
 
@@ -308,14 +372,13 @@ class TrainIterator:
     if self.num_workers == 0:
       ds = remaining.to_iter_dataset(grain.ReadOptions(
           num_threads=1, prefetch_buffer_size=self._prefetch))
-      ds = ds.batch(1)
     else:
+      # grain moves each batch through shared memory (one copy, in the worker).
       ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-      # A final IterDataset.batch lets grain hand batches over in shared memory.
       worker_memory.release_at_exit()
-      ds = ds.batch(1).mp_prefetch(grain.MultiprocessingOptions(
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.num_workers, per_worker_buffer_size=self._prefetch))
-    return iter(ds.map(_unwrap_batch))
+    return iter(ds.map(_as_batch))
 
   def __iter__(self) -> 'TrainIterator':
     return self
@@ -457,10 +520,13 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
 
   source = _EpochPlaceSource(index, seed, bool(data.shuffle_all), num_epochs, steps,
                              int(data.places_per_batch), places_local, process_index)
-  loader = _LoadPlace(index, seed, k, bool(data.random_sample_from_each_place),
-                      augment.make_train_transform(config), prepared)
-  batches = (grain.MapDataset.source(source).map(loader)
-             .batch(places_local, drop_remainder=True))
+  min_size, decoder = decode_settings(config)
+  transform = augment.make_train_transform(config)
+  loader = _LoadPlace(index, seed, k, bool(data.random_sample_from_each_place), transform,
+                      prepared, min_size, decoder)
+  # The (epoch, place) pairs are batched first, so a batch is decoded straight into one array.
+  batches = (grain.MapDataset.source(source).batch(places_local, drop_remainder=True)
+             .map(_LoadBatch(loader, k, transform.image_size)))
   fingerprint = {
       'index': index.fingerprint,
       'num_places': int(index.num_places),

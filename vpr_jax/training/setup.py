@@ -64,6 +64,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   parallel.check_config(config)
   augment.check_config(config.data)
   gsv_cities.check_config(config.data)
+  train_pipeline.decode_settings(config)
   if config.on_nonfinite not in ON_NONFINITE:
     raise ConfigError(f'Unknown on_nonfinite {config.on_nonfinite!r}; valid choices: '
                       f'{", ".join(ON_NONFINITE)}.')
