@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from vpr_jax import errors
 from vpr_jax.data import benchmarks
 from vpr_jax.data import roots
 from vpr_jax.data import synthetic
@@ -315,8 +316,8 @@ def test_bad_radius_is_refused(tmp_path, radius):
     benchmarks.load_benchmark(str(tmp_path / 'split'), radius_m=radius)
   with pytest.raises(benchmarks.InvalidRadiusError, match=pattern):
     benchmarks.compute_positives(np.zeros((1, 2)), np.zeros((1, 2)), radius)
-  # Printed as one line by the entry points, as the other dataset errors.
-  assert issubclass(benchmarks.InvalidRadiusError, benchmarks.MalformedDatasetError)
+  # Printed as one line by the entry points, as every user error.
+  assert issubclass(benchmarks.InvalidRadiusError, errors.UserError)
 
 
 def test_zero_radius_is_allowed():
