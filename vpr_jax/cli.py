@@ -7,7 +7,11 @@ exits with status 1. Any other exception keeps its traceback.
 
 from typing import Any, Callable
 
+from absl import flags
+
 from vpr_jax import checkpointing
+from vpr_jax import fileio
+from vpr_jax import localization
 from vpr_jax import training
 from vpr_jax.data import benchmarks
 from vpr_jax.data import gsv_cities
@@ -25,6 +29,13 @@ USER_ERRORS = (
     checkpointing.CheckpointMismatchError,
     checkpointing.CheckpointWriteError,
     training.NonFiniteError,
+    localization.IndexNotFoundError,
+    localization.IndexMismatchError,
+    localization.ImageFolderError,
+    localization.CoordinatesFileError,
+    localization.FaissIndexError,
+    localization.CheckpointNotFoundError,
+    fileio.OutputPathError,
 )
 
 
@@ -43,3 +54,37 @@ def report_user_errors(fn: Callable[..., Any], *args, **kwargs) -> Any:
     return fn(*args, **kwargs)
   except USER_ERRORS as e:
     raise SystemExit(f'{type(e).__name__}: {e}') from None
+
+
+def normalize_dashed_flags(argv, flag_values=flags.FLAGS):
+  """Rewrites `--save-descriptors=x` to `--save_descriptors=x` for the flags of `flag_values`.
+
+  absl flag names cannot contain '-'. Only the name part of tokens that name a known flag
+  (also in its `--no` boolean form) is changed; values and unknown flags are left alone.
+
+  Args:
+    argv: command line, program name first.
+    flag_values: the registry the names are checked against.
+
+  Returns:
+    The rewritten command line.
+  """
+  known = set(flag_values)
+  rewritten = list(argv[:1])
+  for position, token in enumerate(argv[1:], start=1):
+    if token == '--':
+      rewritten.extend(argv[position:])
+      break
+    if token.startswith('--') and '-' in token[2:].split('=', 1)[0]:
+      name, sep, value = token[2:].partition('=')
+      candidate = name.replace('-', '_')
+      if candidate in known:
+        token = '--' + candidate + sep + value
+      elif not sep:
+        # Boolean negations: --no-only-failures / --noonly-failures -> --noonly_failures.
+        for prefix in ('no_', 'no'):
+          if candidate.startswith(prefix) and candidate[len(prefix):] in known:
+            token = '--no' + candidate[len(prefix):]
+            break
+    rewritten.append(token)
+  return rewritten

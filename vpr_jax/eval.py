@@ -53,38 +53,8 @@ _VISUALIZE_DIR = flags.DEFINE_string(
     'visualize_dir', 'visualizations', 'Folder of the sheets (one subfolder per dataset).')
 
 
-def normalize_dashed_flags(argv, flag_values=flags.FLAGS):
-  """Rewrites `--save-descriptors=x` to `--save_descriptors=x` for the flags defined here.
-
-  absl flag names cannot contain '-'. Only the name part of tokens that name a known flag
-  (also in its `--no` boolean form) is changed; values and unknown flags are left alone.
-
-  Args:
-    argv: command line, program name first.
-    flag_values: the registry the names are checked against.
-
-  Returns:
-    The rewritten command line.
-  """
-  known = set(flag_values)
-  rewritten = list(argv[:1])
-  for position, token in enumerate(argv[1:], start=1):
-    if token == '--':
-      rewritten.extend(argv[position:])
-      break
-    if token.startswith('--') and '-' in token[2:].split('=', 1)[0]:
-      name, sep, value = token[2:].partition('=')
-      candidate = name.replace('-', '_')
-      if candidate in known:
-        token = '--' + candidate + sep + value
-      elif not sep:
-        # Boolean negations: --no-only-failures / --noonly-failures -> --noonly_failures.
-        for prefix in ('no_', 'no'):
-          if candidate.startswith(prefix) and candidate[len(prefix):] in known:
-            token = '--no' + candidate[len(prefix):]
-            break
-    rewritten.append(token)
-  return rewritten
+# Moved to `cli`; kept here for callers of `vpr_jax.eval.normalize_dashed_flags`.
+normalize_dashed_flags = cli.normalize_dashed_flags
 
 
 def main(argv):

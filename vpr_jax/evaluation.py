@@ -149,7 +149,8 @@ def replicate(variables, mesh: Mesh):
 
 
 def compute_descriptors(model, variables, root: str, paths: Sequence[str], image_size,
-                        batch_size: int, num_workers: int = 0, mesh: Mesh | None = None
+                        batch_size: int, num_workers: int = 0, mesh: Mesh | None = None,
+                        decode_options=None, progress: Callable[[int], None] | None = None
                         ) -> np.ndarray:
   """Descriptors of the images `root/paths[i]`, computed in eval mode.
 
@@ -165,6 +166,9 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
     batch_size: images per batch.
     num_workers: decoding worker processes (0: in this process).
     mesh: evaluation mesh; default `eval_mesh(batch_size)`.
+    decode_options: `images.DecodeOptions` (EXIF orientation, fast JPEG decode); default exact
+      with EXIF ignored, as the references.
+    progress: called with the number of images of each batch once its descriptors are stored.
 
   Returns:
     float32 [len(paths), D], row i for paths[i].
@@ -192,9 +196,12 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
       raise ValueError(f'Evaluation batch index out of range [0, {num_images}).')
     descriptors[rows] = outputs[mask]
     filled[rows] = True
+    if progress is not None:
+      progress(int(rows.size))
 
   iterator = eval_pipeline.make_eval_iterator(root, list(paths), tuple(image_size), batch_size,
-                                              num_workers=num_workers)
+                                              num_workers=num_workers,
+                                              decode_options=decode_options)
   pending = None
   for batch in iterator:
     images = np.asarray(batch['images'])
