@@ -41,7 +41,6 @@ import psutil
 
 from vpr_jax import localization
 
-CHUNK = 1_000_000
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -54,7 +53,7 @@ def make_centers(num: int, dim: int, seed: int) -> np.ndarray:
 
 def make_chunk(chunk: int, size: int, centers: np.ndarray, spread: float, seed: int
                ) -> np.ndarray:
-  """Database rows [chunk * CHUNK, chunk * CHUNK + size): place + spread, normalised."""
+  """Database rows of chunk `chunk` (`size` of them): place + spread, normalised."""
   rng = np.random.default_rng([seed, 1, chunk])
   places = rng.integers(0, len(centers), size)
   x = rng.standard_normal((size, centers.shape[1]), dtype=np.float32)
@@ -86,10 +85,10 @@ def time_queries(index, queries: np.ndarray, k: int, singles: int) -> dict:
 
 def run_size(num: int, args, factory: str) -> list[dict]:
   """Builds the indexes of one database size and measures them."""
-  dim, k = args.dim, 10
+  dim, k, chunk_size = args.dim, 10, args.chunk
   centers = make_centers(args.centers, dim, args.seed)
-  num_chunks = -(-num // CHUNK)
-  first = make_chunk(0, min(CHUNK, num), centers, args.spread, args.seed)
+  num_chunks = -(-num // chunk_size)
+  first = make_chunk(0, min(chunk_size, num), centers, args.spread, args.seed)
   rng = np.random.default_rng([args.seed, 2])
   sources = rng.choice(len(first), args.queries, replace=False)
   queries = normalise(first[sources] + args.noise * rng.standard_normal(
@@ -108,7 +107,7 @@ def run_size(num: int, args, factory: str) -> list[dict]:
   best_i = np.full((args.queries, k), -1, np.int64)
   add_s = flat_add_s = exact_s = generate_s = 0.0
   for chunk in range(num_chunks):
-    size = min(CHUNK, num - chunk * CHUNK)
+    size = min(chunk_size, num - chunk * chunk_size)
     start = time.perf_counter()
     x = first if chunk == 0 else make_chunk(chunk, size, centers, args.spread, args.seed)
     generate_s += time.perf_counter() - start
@@ -123,7 +122,7 @@ def run_size(num: int, args, factory: str) -> list[dict]:
     start = time.perf_counter()
     d, i = faiss.knn(queries, x, k)
     exact_s += time.perf_counter() - start
-    d, i = np.concatenate([best_d, d], 1), np.concatenate([best_i, i + chunk * CHUNK], 1)
+    d, i = np.concatenate([best_d, d], 1), np.concatenate([best_i, i + chunk * chunk_size], 1)
     order = np.argsort(d, axis=1, kind='stable')[:, :k]
     best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
     del x
@@ -166,7 +165,7 @@ def run_size(num: int, args, factory: str) -> list[dict]:
   return results
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--sizes', default='1000000,10000000',
                       help='database sizes, comma-separated')
@@ -185,9 +184,11 @@ def main():
   parser.add_argument('--train_size', type=int, default=65536)
   parser.add_argument('--max_flat', type=int, default=1_000_000)
   parser.add_argument('--threads', type=int, default=0, help='FAISS threads (0: default)')
+  parser.add_argument('--chunk', type=int, default=1_000_000,
+                      help='vectors generated and added at a time')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--output', default='bench_localization.json')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.threads:
     faiss.omp_set_num_threads(args.threads)
   factories = dict(item.split('=', 1) for item in args.factories.split(';') if item)
@@ -217,6 +218,7 @@ def main():
                   'faiss': faiss.__version__, 'faiss_threads': faiss.omp_get_max_threads(),
                   'numpy': np.__version__},
       'date': time.strftime('%Y-%m-%d %H:%M:%S %Z')})
+  return results
 
 
 if __name__ == '__main__':

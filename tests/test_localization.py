@@ -1,5 +1,6 @@
 """Localisation: index a folder of real photos, localise queries, incremental and resumed builds."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -364,3 +365,23 @@ def test_cli_index_and_localize(checkpoints, photos, tmp_path):
       run_cli('vpr_jax.index', [f'--checkpoint={checkpoints[0]}', '--images', tmp_path / 'empty',
                                 '--out', tmp_path / 'index2'], tmp_path), 'ImageFolderError')
   assert 'empty' in last and not (tmp_path / 'index2').exists()
+
+
+def test_bench_localization_smoke(tmp_path):
+  """The benchmark's tiny run: chunked ground truth, flat exact, IVF-PQ close to exact."""
+  spec = importlib.util.spec_from_file_location(
+      'bench_localization', os.path.join(REPO_ROOT, 'scripts', 'bench_localization.py'))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  output = tmp_path / 'bench.json'
+  results = bench.main(['--sizes', '20000', '--dim', '32', '--chunk', '8000', '--factories',
+                        '20000=IVF16,PQ8', '--queries', '50', '--singles', '5', '--centers',
+                        '512', '--train_size', '4000', '--nprobe', '4', '--threads', '1',
+                        '--output', str(output)])
+  by_index = {r['index']: r for r in results}
+  assert set(by_index) == {'IVF16,PQ8', 'Flat'}
+  # Flat is exact, so it agrees with the chunk-by-chunk brute force.
+  assert by_index['Flat']['r1_vs_exact'] == 1.0
+  assert by_index['IVF16,PQ8']['r1_vs_exact'] >= 0.6
+  assert by_index['IVF16,PQ8']['index_bytes'] < by_index['Flat']['index_bytes']
+  assert json.loads(output.read_text())['results'][0]['database'] == 20000
