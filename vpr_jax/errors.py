@@ -123,3 +123,23 @@ class WorkdirLockedError(UserError, OSError):
 
 class WorkdirNotUsableError(UserError, OSError):
   """The workdir is a file, or it (or a parent) cannot be created or written."""
+
+
+class IndexNotFoundError(UserError, FileNotFoundError):
+  """There is no localisation index where one was looked for."""
+
+
+class IndexMismatchError(UserError, ValueError):
+  """An index was built with another model, weights or preprocessing than the one given."""
+
+
+class ImageFolderError(UserError, ValueError):
+  """The folder to index is missing, not a folder, or holds no image."""
+
+
+class CoordinatesFileError(UserError, ValueError):
+  """The coordinates CSV is missing or malformed."""
+
+
+class FaissIndexError(UserError, ValueError):
+  """The FAISS index asked for cannot be built (bad factory string, too few images to train)."""

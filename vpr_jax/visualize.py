@@ -19,6 +19,8 @@ from vpr_jax import fileio
 QUERY_COLOR = (40, 90, 220)
 POSITIVE_COLOR = (0, 170, 60)
 NEGATIVE_COLOR = (220, 30, 30)
+# Localisation matches: no ground truth, so one neutral colour.
+MATCH_COLOR = (120, 120, 120)
 BACKGROUND = (255, 255, 255)
 TILE_BACKGROUND = (235, 235, 235)
 TEXT_COLOR = (0, 0, 0)
@@ -58,12 +60,17 @@ def tile_box(column: int, tile_size: tuple[int, int] = DEFAULT_TILE_SIZE
   return left, top, left + width + 2 * BORDER, top + height + 2 * BORDER
 
 
-def _load_tile(path: str, tile_size: tuple[int, int]) -> Image.Image:
+def _load_tile(source: str | Image.Image, tile_size: tuple[int, int],
+               exif_transpose: bool = False) -> Image.Image:
   height, width = tile_size
   tile = Image.new('RGB', (width, height), TILE_BACKGROUND)
   try:
-    with Image.open(path) as image:
-      image = ImageOps.contain(image.convert('RGB'), (width, height), Image.Resampling.BILINEAR)
+    if isinstance(source, Image.Image):
+      image = source
+    else:
+      with Image.open(source) as opened:
+        image = ImageOps.exif_transpose(opened) if exif_transpose else opened.copy()
+    image = ImageOps.contain(image.convert('RGB'), (width, height), Image.Resampling.BILINEAR)
   except (OSError, ValueError):
     ImageDraw.Draw(tile).text((8, height // 2 - 8), 'unreadable image', fill=NEGATIVE_COLOR,
                               font=_font(14))
@@ -88,22 +95,46 @@ def render_sheet(query_path: str, prediction_paths: Sequence[str], distances_m: 
   Returns:
     The RGB sheet.
   """
-  columns = 1 + len(prediction_paths)
-  right = tile_box(columns - 1, tile_size)[2]
-  bottom = tile_box(0, tile_size)[3]
-  sheet = Image.new('RGB', (right + MARGIN, bottom + CAPTION_HEIGHT + MARGIN), BACKGROUND)
-  draw = ImageDraw.Draw(sheet)
-  draw.text((MARGIN, MARGIN), title, fill=TEXT_COLOR, font=_font(16))
   captions = ['query'] + [f'#{r + 1}  {d:.1f} m' if np.isfinite(d) else f'#{r + 1}'
                           for r, d in enumerate(distances_m)]
   colors = [QUERY_COLOR] + [POSITIVE_COLOR if c else NEGATIVE_COLOR for c in correct]
-  paths = [query_path] + list(prediction_paths)
+  return render_tiles([query_path] + list(prediction_paths), captions, colors, title, tile_size)
+
+
+def render_tiles(sources: Sequence[str | Image.Image], captions: Sequence[str],
+                 colors: Sequence[tuple[int, int, int]], title: str,
+                 tile_size: tuple[int, int] = DEFAULT_TILE_SIZE,
+                 exif_transpose: Sequence[bool] | None = None) -> Image.Image:
+  """A row of bordered images with captions (one or more lines, '\\n'-separated) under a title.
+
+  Args:
+    sources: image files or PIL images, left to right.
+    captions: text under each image.
+    colors: border colour of each image.
+    title: text above the images.
+    tile_size: (height, width) of each image.
+    exif_transpose: per source file, whether to show it upright by its EXIF orientation.
+
+  Returns:
+    The RGB sheet.
+  """
+  exif_transpose = list(exif_transpose) if exif_transpose is not None else [False] * len(sources)
+  caption_lines = max([c.count('\n') + 1 for c in captions] or [1])
+  right = tile_box(len(sources) - 1, tile_size)[2]
+  bottom = tile_box(0, tile_size)[3]
+  sheet = Image.new('RGB', (right + MARGIN, bottom + CAPTION_HEIGHT * caption_lines + MARGIN),
+                    BACKGROUND)
+  draw = ImageDraw.Draw(sheet)
+  draw.text((MARGIN, MARGIN), title, fill=TEXT_COLOR, font=_font(16))
   caption_font = _font(14)
-  for column, (path, color, caption) in enumerate(zip(paths, colors, captions)):
+  for column, (source, color, caption, upright) in enumerate(
+      zip(sources, colors, captions, exif_transpose)):
     left, top, box_right, box_bottom = tile_box(column, tile_size)
     draw.rectangle((left, top, box_right - 1, box_bottom - 1), fill=color)
-    sheet.paste(_load_tile(path, tile_size), (left + BORDER, top + BORDER))
-    draw.text((left + BORDER, box_bottom + 4), caption, fill=TEXT_COLOR, font=caption_font)
+    sheet.paste(_load_tile(source, tile_size, upright), (left + BORDER, top + BORDER))
+    for line, text in enumerate(caption.split('\n')):
+      draw.text((left + BORDER, box_bottom + 4 + line * (CAPTION_HEIGHT - 4)), text,
+                fill=TEXT_COLOR, font=caption_font)
   return sheet
 
 

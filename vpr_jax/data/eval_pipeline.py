@@ -10,6 +10,9 @@ Worker processes (num_workers > 0) are spawned and only run this module's decode
 JAX computation happens in them. (grain itself imports the `jax` package on import, and spawned
 workers re-import the parent's `__main__` module; neither initialises a JAX backend.)
 
+An entry of the path list may also be an image already in memory (a uint8 [H, W, 3] or [H, W]
+array): it is resized the same way (`images.resized_array_from_pixels`).
+
 An image that cannot be decoded stops the evaluation with an `ImageDecodeError` naming the file:
 skipping it would silently change Recall@N.
 """
@@ -31,11 +34,12 @@ class _DecodeBatch:
   """Decodes one padded batch of images; picklable, so it can run in grain worker processes."""
 
   def __init__(self, root: str, relative_paths: Sequence[str], image_size: tuple[int, int],
-               batch_size: int):
+               batch_size: int, decode_options: images.DecodeOptions | None = None):
     self.root = root
     self.relative_paths = list(relative_paths)
     self.image_size = image_size
     self.batch_size = batch_size
+    self.decode_options = decode_options
 
   def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
     height, width = self.image_size
@@ -45,8 +49,12 @@ class _DecodeBatch:
     mask = np.zeros((self.batch_size,), dtype=bool)
     index = np.full((self.batch_size,), -1, dtype=np.int32)
     for slot, i in enumerate(range(start, stop)):
-      path = os.path.join(self.root, self.relative_paths[i])
-      pixels[slot] = images.load_resized_array(path, self.image_size)
+      entry = self.relative_paths[i]
+      if isinstance(entry, np.ndarray):
+        pixels[slot] = images.resized_array_from_pixels(entry, self.image_size)
+      else:
+        path = os.path.join(self.root, entry)
+        pixels[slot] = images.load_resized_array(path, self.image_size, self.decode_options)
       mask[slot] = True
       index[slot] = i
     return {'images': pixels, 'mask': mask, 'index': index}
@@ -58,7 +66,8 @@ def num_batches(num_images: int, batch_size: int) -> int:
 
 
 def make_eval_dataset(root: str, relative_paths: Sequence[str], image_size: Sequence[int],
-                      batch_size: int) -> grain.MapDataset:
+                      batch_size: int, decode_options: images.DecodeOptions | None = None
+                      ) -> grain.MapDataset:
   """The evaluation batches as a grain MapDataset (random access: `ds[i]` is batch i).
 
   Args:
@@ -66,6 +75,7 @@ def make_eval_dataset(root: str, relative_paths: Sequence[str], image_size: Sequ
     relative_paths: images in evaluation order.
     image_size: (height, width) after resizing.
     batch_size: images per batch.
+    decode_options: how files are decoded; default exact, EXIF orientation ignored.
 
   Returns:
     A MapDataset of dicts `images` uint8 [B, H, W, 3], `mask` bool [B], `index` int32 [B].
@@ -77,13 +87,16 @@ def make_eval_dataset(root: str, relative_paths: Sequence[str], image_size: Sequ
   if len(relative_paths) >= 2**31:
     raise ValueError('at most 2**31 - 1 images (indices are int32)')
   height, width = int(image_size[0]), int(image_size[1])
-  decode = _DecodeBatch(os.fspath(root), relative_paths, (height, width), int(batch_size))
+  decode = _DecodeBatch(os.fspath(root), relative_paths, (height, width), int(batch_size),
+                        decode_options)
   return grain.MapDataset.range(num_batches(len(relative_paths), batch_size)).map(decode)
 
 
 def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Sequence[int],
                        batch_size: int, num_workers: int = 0, num_threads: int = 2,
-                       prefetch_batches: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                       prefetch_batches: int = 2,
+                       decode_options: images.DecodeOptions | None = None
+                       ) -> Iterator[dict[str, np.ndarray]]:
   """Iterates over the evaluation batches of a path list, in order.
 
   Args:
@@ -94,6 +107,7 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
     num_workers: grain worker processes (0: decode in this process).
     num_threads: decoding threads per process (PIL releases the GIL while decoding).
     prefetch_batches: batches buffered per process.
+    decode_options: how files are decoded; default exact, EXIF orientation ignored.
 
   Returns:
     An iterator of dicts: `images` uint8 [B, H, W, 3], `mask` bool [B] (False for padding),
@@ -104,7 +118,7 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
   """
   if num_workers < 0:
     raise ValueError(f'num_workers must be >= 0, got {num_workers}')
-  dataset = make_eval_dataset(root, relative_paths, image_size, batch_size)
+  dataset = make_eval_dataset(root, relative_paths, image_size, batch_size, decode_options)
   num_threads = max(0, int(num_threads))
   read_options = grain.ReadOptions(num_threads=num_threads,
                                    prefetch_buffer_size=max(1, int(prefetch_batches), num_threads))

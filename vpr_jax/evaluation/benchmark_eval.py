@@ -5,11 +5,14 @@
 """
 
 import dataclasses
+import sys
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+import jax
 from jax.sharding import Mesh
 import numpy as np
+from tqdm import auto as tqdm
 
 from vpr_jax.evaluation import descriptors
 from vpr_jax.evaluation import search
@@ -93,10 +96,14 @@ def evaluate_dataset(model, variables, benchmark, image_size, batch_size: int,
   seconds = {}
   start = time.perf_counter()
   # One pass over database then queries: worker processes start once per dataset.
+  bar = tqdm.tqdm(total=num_database + num_queries, desc=f'{benchmark.name}: embedding',
+                  unit='img', leave=False, dynamic_ncols=True, file=sys.stderr,
+                  disable=not progress or jax.process_index() != 0)
   all_descriptors = descriptors.compute_descriptors(
       model, variables, benchmark.root, list(benchmark.database_paths) +
       list(benchmark.queries_paths), image_size, batch_size, num_workers, mesh=mesh,
-      progress=f'{benchmark.name}: embedding' if progress else None)
+      progress=bar.update)
+  bar.close()
   database, queries = all_descriptors[:num_database], all_descriptors[num_database:]
   seconds['embed'] = time.perf_counter() - start
   start = time.perf_counter()

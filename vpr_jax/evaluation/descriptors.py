@@ -5,7 +5,6 @@ batches) -> `compute_descriptors` (jitted forward sharded over the local devices
 read while the device computes batch i) -> host float32 [N, D].
 """
 
-import sys
 from typing import Any, Callable, Optional, Sequence
 import weakref
 
@@ -14,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
-from tqdm import auto as tqdm
 
 from vpr_jax import parallel
 from vpr_jax.data import eval_pipeline
+from vpr_jax.data import images
 
 # (id(model), mesh key) -> (weak reference to the model, embed function). Keeps one jitted
 # function per model so that validation every epoch reuses the compiled executable.
@@ -113,7 +112,8 @@ def replicate(variables, mesh: Mesh):
 
 def compute_descriptors(model, variables, root: str, paths: Sequence[str], image_size,
                         batch_size: int, num_workers: int = 0, mesh: Optional[Mesh] = None,
-                        progress: Optional[str] = None) -> np.ndarray:
+                        decode_options: Optional[images.DecodeOptions] = None,
+                        progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
   """Descriptors of the images `root/paths[i]`, computed in eval mode.
 
   Batches have a fixed size (the last one padded, padding dropped by its mask) so the forward
@@ -128,8 +128,10 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
     batch_size: images per batch.
     num_workers: decoding worker processes (0: in this process).
     mesh: evaluation mesh; default `eval_mesh(batch_size)`.
-    progress: label of a progress bar (images embedded) on stderr, shown by process 0 only;
-      None for none.
+    decode_options: `data.images.DecodeOptions` (EXIF orientation, fast JPEG decode); default
+      exact with EXIF ignored, as the references.
+    progress: called with the number of images of each batch once its descriptors are stored
+      (e.g. a progress bar's `update`).
 
   Returns:
     float32 [len(paths), D], row i for paths[i].
@@ -157,12 +159,13 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
       raise ValueError(f'Evaluation batch index out of range [0, {num_images}).')
     descriptors[rows] = outputs[mask]
     filled[rows] = True
+    if progress is not None:
+      progress(int(rows.size))
 
   iterator = eval_pipeline.make_eval_iterator(root, list(paths), tuple(image_size), batch_size,
-                                              num_workers=num_workers)
+                                              num_workers=num_workers,
+                                              decode_options=decode_options)
   pending = None
-  bar = tqdm.tqdm(total=num_images, desc=progress, unit='img', leave=False, dynamic_ncols=True,
-                  file=sys.stderr, disable=progress is None or jax.process_index() != 0)
   for batch in iterator:
     images = np.asarray(batch['images'])
     mask = np.asarray(batch['mask'], bool)
@@ -179,10 +182,8 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
     if pending is not None:
       store(pending)
     pending = (outputs, mask, index)
-    bar.update(int(mask.sum()))
   if pending is not None:
     store(pending)
-  bar.close()
   if not filled.all():
     missing = [paths[i] for i in np.flatnonzero(~filled)[:5]]
     raise RuntimeError(f'{int((~filled).sum())} of {num_images} images under {root} got no '
