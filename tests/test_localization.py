@@ -139,7 +139,7 @@ def test_incremental_build_embeds_only_new_images(checkpoints, photos, tmp_path,
   os.remove(removed)
 
   counter = CountingEmbedder()
-  monkeypatch.setattr(evaluation, 'compute_descriptors', counter)
+  monkeypatch.setattr(descriptors, 'compute_descriptors', counter)
   stats = build()
   assert counter.images == 1
   assert (stats.num_images, stats.embedded, stats.reused, stats.removed) == (20, 1, 19, 1)
@@ -166,7 +166,7 @@ def test_interrupted_build_resumes(checkpoints, photos, tmp_path, monkeypatch):
   build = lambda: localization.build_index(checkpoint, database, str(index), batch_size=BATCH,
                                            part_size=8, show_progress=False,
                                            print_fn=lambda _: None)
-  monkeypatch.setattr(evaluation, 'compute_descriptors', CountingEmbedder(fail_on_call=2))
+  monkeypatch.setattr(descriptors, 'compute_descriptors', CountingEmbedder(fail_on_call=2))
   with pytest.raises(KeyboardInterrupt):
     build()
   assert not (index / localization.MANIFEST_FILENAME).exists()
@@ -175,7 +175,7 @@ def test_interrupted_build_resumes(checkpoints, photos, tmp_path, monkeypatch):
     localization.Localizer.from_index(str(index))
 
   counter = CountingEmbedder()
-  monkeypatch.setattr(evaluation, 'compute_descriptors', counter)
+  monkeypatch.setattr(descriptors, 'compute_descriptors', counter)
   stats = build()
   assert counter.images == 12
   assert (stats.num_images, stats.embedded, stats.resumed) == (20, 12, 8)
