@@ -206,8 +206,7 @@ def _radius(value):
   def breaks(root):
     del root
     return ({'data__positive_radius_m': value},
-            r'positive radius \(data.positive_radius_m\) is .*expected a finite number of '
-            'metres >= 0')
+            r'data.positive_radius_m must be a finite number of metres >= 0')
 
   return breaks
 
