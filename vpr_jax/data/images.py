@@ -62,14 +62,18 @@ def exif_orientation(data: bytes) -> int:
   return value if value in _ORIENTATION_TRANSPOSES or value == 1 else 1
 
 
-def load_rgb(path: str | os.PathLike, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_rgb(path: str | os.PathLike, draft_size: tuple[int, int] | None = None,
+             exif_transpose: bool = False) -> Image.Image:
   """Reads an image file completely and returns it as an 8-bit RGB PIL image.
 
   Args:
     path: the image file.
     draft_size: optional (H, W). For JPEG files, lets libjpeg decode at a reduced scale (1/2,
       1/4, 1/8) that is still at least this size, which is faster but no longer bit-identical to
-      a full decode followed by `resize`. None (the default) decodes at full size.
+      a full decode followed by `resize`. None (the default) decodes at full size. With
+      `exif_transpose`, the size is that of the upright image.
+    exif_transpose: apply the EXIF orientation tag (the upright photo); False keeps the stored
+      pixel order.
 
   Returns:
     The decoded image, mode 'RGB' (see the module doc for the conversions).
@@ -78,7 +82,39 @@ def load_rgb(path: str | os.PathLike, draft_size: tuple[int, int] | None = None)
     ImageDecodeError: missing, empty, truncated, corrupt or not an image.
     RuntimeError: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process.
   """
-  return Image.fromarray(decode.read_rgb(path, min_size=draft_size))
+  return Image.fromarray(read_upright(path, draft_size, exif_transpose))
+
+
+def read_upright(path: str | os.PathLike, min_size: Sequence[int] | None = None,
+                 exif_transpose: bool = False) -> np.ndarray:
+  """`decode.read_rgb`, optionally turned upright by the file's EXIF orientation.
+
+  Args:
+    path: the image file.
+    min_size: (H, W) of the upright image that a reduced-scale (DCT) JPEG decode must still
+      reach; None decodes at full size.
+    exif_transpose: apply the EXIF orientation tag.
+
+  Returns:
+    uint8 [H, W, 3].
+
+  Raises:
+    ImageDecodeError: missing, empty, truncated, corrupt or not an image.
+  """
+  if not exif_transpose:
+    return decode.read_rgb(path, min_size=min_size)
+  decode.check_truncation_policy()
+  path = os.fspath(path)
+  data = decode.read_file(path)
+  orientation = exif_orientation(data)
+  if min_size is not None and orientation in _SWAPPING_ORIENTATIONS:
+    # The stored image is the upright one turned by 90 degrees.
+    min_size = (int(min_size[1]), int(min_size[0]))
+  pixels = decode.decode_rgb(data, path, min_size)
+  if orientation != 1:
+    pixels = np.ascontiguousarray(
+        Image.fromarray(pixels).transpose(_ORIENTATION_TRANSPOSES[orientation]))
+  return pixels
 
 
 def _check_size(size: Sequence[int]) -> tuple[int, int]:
@@ -129,21 +165,9 @@ def load_resized_array(path: str | os.PathLike, size: Sequence[int],
     ImageDecodeError: the file cannot be decoded.
   """
   options = options or DecodeOptions()
-  if not options.exif_transpose and not options.fast_decode:
-    return resize_array(decode.read_rgb(path), size)
-  decode.check_truncation_policy()
-  path = os.fspath(path)
-  data = decode.read_file(path)
-  orientation = exif_orientation(data) if options.exif_transpose else 1
-  min_size = None
-  if options.fast_decode:
-    # The reduced scale must keep the upright image at least `size`.
-    height, width = _check_size(size)
-    min_size = (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)
-  pixels = decode.decode_rgb(data, path, min_size)
-  if orientation != 1:
-    pixels = np.asarray(Image.fromarray(pixels).transpose(_ORIENTATION_TRANSPOSES[orientation]))
-  return resize_array(np.ascontiguousarray(pixels), size)
+  pixels = read_upright(path, _check_size(size) if options.fast_decode else None,
+                        options.exif_transpose)
+  return resize_array(pixels, size)
 
 
 def resized_array_from_pixels(pixels: np.ndarray, size: Sequence[int]) -> np.ndarray:
