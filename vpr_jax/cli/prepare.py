@@ -1,16 +1,21 @@
-r"""Prepares the training images once: resized JPEGs in ArrayRecord shards + a place index.
+r"""Prepares the training images once: a TFDS dataset of resized JPEGs with their places.
 
-  python -m vpr_jax.prepare --config configs/mixvpr.py --out /data/vpr/gsv_cities_224 \
+  python -m vpr_jax.prepare --config configs/mixvpr.py --out /data/vpr/tfds \
       [--data_root /data/vpr] [--image_size 224,224 | --short_side 256] [--quality 95] \
       [--num_workers 16]
 
 Reads the training places of the config (data.train_dir, data.train_layout, data.cities,
-data.min_img_per_place), writes them to --out (layout in `vpr_jax.data.prepared`) and reports
-images/s. Train from it with `--config.data.prepared_dir=<out>`. The default size is the
-config's image_size, so the train transform's resize becomes a no-op. An interrupted run resumes
-when started again with the same arguments; the output folder appears only when complete.
+data.min_img_per_place), builds them as a `vpr_training_set` TFDS dataset under --out (the TFDS
+data folder; layout and fields in `vpr_jax.data.tfds_builders`), reports images/s and prints, as
+its last line, the folder of the built dataset (the one holding dataset_info.json, which
+`tfds.builder_from_directory` opens). Train from it with `--config.data.prepared_dir=<folder>`.
+The default size is the config's image_size, so the train transform's resize becomes a no-op.
+The dataset appears only when complete (an interrupted run leaves nothing and starts over); a
+dataset already built with the same settings is reused unless --overwrite.
 """
 
+import os
+import time
 
 from absl import flags
 from ml_collections import config_flags
@@ -19,29 +24,32 @@ from vpr_jax import config_fields
 from vpr_jax import fileio
 from vpr_jax.cli import common
 from vpr_jax.data import gsv_cities
-from vpr_jax.data import prepared
+from vpr_jax.data import images
 from vpr_jax.data import roots
+from vpr_jax.data import tfds_builders
 from vpr_jax.data import workers
 from vpr_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
+DEFAULT_RECORDS_PER_SHARD = 50_000
 
 config_flags.DEFINE_config_file('config', None, 'Training configuration file (configs/*.py).',
                                 lock_config=True)
-flags.DEFINE_string('out', None, 'Prepared data folder to create (absolute, or relative to the '
-                    'current directory).')
+flags.DEFINE_string('out', None, 'TFDS data folder to build the dataset under (absolute, or '
+                    'relative to the current directory).')
 flags.DEFINE_string('data_root', None, 'Overrides config.data.root (default: $VPR_DATA_ROOT).')
 flags.DEFINE_list('image_size', None, 'H,W to resize every image to (default: the config\'s '
                   'image_size).')
 flags.DEFINE_integer('short_side', None, 'Resize the shorter side to this (aspect ratio kept) '
                      'instead of to a fixed H,W.')
-flags.DEFINE_integer('quality', prepared.DEFAULT_QUALITY, 'JPEG quality (1..100).')
-flags.DEFINE_enum('subsampling', '4:2:0', sorted(prepared.SUBSAMPLING), 'JPEG chroma subsampling.')
+flags.DEFINE_integer('quality', images.DEFAULT_QUALITY, 'JPEG quality (1..100).')
+flags.DEFINE_enum('subsampling', '4:2:0', sorted(images.SUBSAMPLING), 'JPEG chroma subsampling.')
 flags.DEFINE_integer('num_workers', -1, 'Decoding/encoding processes; -1: one per CPU core; 0: '
                      'this process only.')
-flags.DEFINE_integer('records_per_shard', prepared.DEFAULT_RECORDS_PER_SHARD,
-                     'Images per ArrayRecord file.')
-flags.DEFINE_bool('overwrite', False, 'Replace an existing non-empty --out folder.')
+flags.DEFINE_integer('records_per_shard', DEFAULT_RECORDS_PER_SHARD,
+                     'Images per ArrayRecord file (at most; the files hold equal shares).')
+flags.DEFINE_bool('overwrite', False, 'Build again when a dataset with the same settings is '
+                  'already built under --out.')
 flags.mark_flags_as_required(['config', 'out'])
 
 
@@ -107,16 +115,28 @@ def prepare_from_flags(argv) -> None:
       int(config.data.min_img_per_place), cache_dir=config.data.cache_dir,
       rebuild=bool(config.data.rebuild_index))
   num_workers = workers.resolve_num_workers(FLAGS.num_workers, '--num_workers')
-  print(f'Preparing {index.num_images} images of {index.num_places} places from {train_dir} '
-        f'into {out} with {num_workers} workers.', flush=True)
-  info = prepared.prepare_training_data(
-      index, out, image_size=image_size, short_side=short_side, quality=FLAGS.quality,
-      subsampling=FLAGS.subsampling, num_workers=num_workers,
-      records_per_shard=FLAGS.records_per_shard, overwrite=FLAGS.overwrite,
-      progress=lambda line: print(line, flush=True))
-  rate = info.get('images_per_second_this_run')
-  print(f'Done: {out} ({info["num_bad_images"]} unreadable images'
-        + (f'; {rate:.0f} images/s' if rate else '') + ').', flush=True)
+  encoding = tfds_builders.ImageEncoding(image_size=image_size, short_side=short_side,
+                                         quality=FLAGS.quality, subsampling=FLAGS.subsampling)
+  layout, cities = config.data.train_layout, tuple(config.data.cities)
+  min_img_per_place = int(config.data.min_img_per_place)
+  name = tfds_builders.training_set_name(layout, cities, min_img_per_place, encoding)
+  folder = tfds_builders.training_set_folder(out, name)
+  if os.path.isfile(os.path.join(folder, 'dataset_info.json')) and not FLAGS.overwrite:
+    print('Already built with these settings (--overwrite builds it again).', flush=True)
+  else:
+    print(f'Preparing {index.num_images} images of {index.num_places} places from {train_dir} '
+          f'with {num_workers} workers.', flush=True)
+    start = time.perf_counter()
+    folder = tfds_builders.build_training_set(
+        train_dir, out, layout=layout, cities=cities, min_img_per_place=min_img_per_place,
+        encoding=encoding, name=name, num_workers=num_workers,
+        num_shards=-(-index.num_images // FLAGS.records_per_shard), overwrite=FLAGS.overwrite)
+    seconds = time.perf_counter() - start
+    meta, _ = tfds_builders.read_npz(os.path.join(folder, tfds_builders.PLACE_INDEX_FILE))
+    print(f'Done: {index.num_images} images ({len(meta["bad_images"])} unreadable) in '
+          f'{seconds:.1f} s, {index.num_images / seconds:.0f} images/s.', flush=True)
+  # Last line: the built dataset, for --config.data.prepared_dir and tfds.builder_from_directory.
+  print(folder, flush=True)
 
 
 def main(argv):
