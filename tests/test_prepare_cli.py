@@ -117,3 +117,31 @@ def test_builds_a_tfds_dataset_and_prints_its_folder(synthetic_root, tmp_path):
   assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
   assert rebuilt.stdout.strip().splitlines()[-1] == folder
   assert os.stat(os.path.join(folder, 'dataset_info.json')).st_mtime_ns != mtime
+
+
+def test_builds_benchmarks_and_prints_their_folders(synthetic_root, tmp_path):
+  from vpr_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
+  from vpr_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'tfds'
+  test_dir = os.path.join(str(synthetic_root), 'synthetic_test')
+  result = _run(tmp_path, synthetic_root, '--benchmark=synthetic_val,' + test_dir,
+                '--image_size=16,20', out=out)
+  assert result.returncode == 0, result.stderr[-3000:]
+  folders = result.stdout.strip().splitlines()[-2:]
+  assert 'images/s' in result.stdout and len(set(folders)) == 2
+  for folder, split_dir in zip(folders, ('synthetic_val', 'synthetic_test')):
+    split, sources = tfds_builders.open_benchmark(folder)
+    expected = benchmarks.load_benchmark(os.path.join(str(synthetic_root), split_dir),
+                                         use_cache=False)
+    assert split.queries_paths == expected.queries_paths
+    assert sources['database'].load_array(0).shape == (16, 20, 3)
+  # Without a size: the files as they are.
+  result = _run(tmp_path, synthetic_root, '--benchmark=synthetic_val', out=out)
+  assert result.returncode == 0, result.stderr[-3000:]
+  folder = result.stdout.strip().splitlines()[-1]
+  assert folder not in folders
+  split, sources = tfds_builders.open_benchmark(folder)
+  with open(os.path.join(split.root, split.database_paths[0]), 'rb') as f:
+    assert sources['database'][0] == f.read()
+  missing = _single_error_line(_run(tmp_path, synthetic_root, '--benchmark=nowhere', out=out))
+  assert missing.startswith('DatasetNotFoundError: ') and 'nowhere' in missing, missing

@@ -437,6 +437,20 @@ def training_set_folder(data_dir: str, name: str) -> str:
                       str(VERSION))
 
 
+def benchmark_name(manual_dir: str, radius_m: float, encoding: ImageEncoding) -> str:
+  """The default config name of a benchmark: the split folder's name and a hash of the settings."""
+  folder = os.path.abspath(os.fspath(manual_dir))
+  return _config_name(
+      ''.join(c if c.isalnum() else '_' for c in os.path.basename(folder)) or 'benchmark',
+      {'folder': folder, 'radius_m': float(radius_m), 'encoding': encoding.describe()})
+
+
+def benchmark_folder(data_dir: str, name: str) -> str:
+  """Where `build_benchmark(..., data_dir, name=name)` puts the built dataset."""
+  return os.path.join(os.path.abspath(os.fspath(data_dir)), VprBenchmark.name, name,
+                      str(VERSION))
+
+
 def _build(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str, num_shards: int | None,
            overwrite: bool) -> str:
   manual_dir = os.path.abspath(os.fspath(manual_dir))
@@ -516,10 +530,7 @@ def build_benchmark(manual_dir: str, data_dir: str, *, encoding: ImageEncoding =
     The folder holding `dataset_info.json`.
   """
   if name is None:
-    folder = os.path.abspath(os.fspath(manual_dir))
-    name = _config_name(
-        ''.join(c if c.isalnum() else '_' for c in os.path.basename(folder)) or 'benchmark',
-        {'folder': folder, 'radius_m': float(radius_m), 'encoding': encoding.describe()})
+    name = benchmark_name(manual_dir, radius_m, encoding)
   config = BenchmarkSetConfig(name=name, encoding=encoding, radius_m=radius_m)
   builder = VprBenchmark(config=config, data_dir=os.fspath(data_dir),
                          file_format='array_record', num_workers=num_workers)
