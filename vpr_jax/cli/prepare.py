@@ -5,7 +5,7 @@ r"""Prepares the training images once: a TFDS dataset of resized JPEGs with thei
       [--num_workers 16]
 
   python -m vpr_jax.prepare --config configs/mixvpr.py --out /data/vpr/tfds \
-      --benchmark sf_xs_val,/data/vpr/tokyo_xs/test [--image_size 320,320]
+      --benchmark sf_xs_val,tokyo_xs [--image_size 320,320]
 
 Reads the training places of the config (data.train_dir, data.train_layout, data.cities,
 data.min_img_per_place), builds them as a `vpr_training_set` TFDS dataset under --out (the TFDS
