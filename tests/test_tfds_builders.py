@@ -268,7 +268,10 @@ def test_benchmark_round_trip(synthetic_root, tmp_path):
 
 _WITHOUT_TENSORFLOW = """
 import os, sys
-from vpr_jax.data import synthetic, tfds_builders
+from vpr_jax.cli import prepare  # The command that builds, and training that reads.
+from vpr_jax.configs import default
+from vpr_jax.data import synthetic, tfds_builders, train_pipeline
+from vpr_jax.training import setup
 root, data_dir = sys.argv[1], sys.argv[2]
 synthetic.make_synthetic_dataset(root, seed=0, num_train_places=6, images_per_place=4,
                                  num_eval_places=3, image_size=(20, 24))
@@ -278,6 +281,15 @@ folder = tfds_builders.build_training_set(
     encoding=tfds_builders.ImageEncoding((16, 16)))
 index, source = tfds_builders.open_training_set(folder)
 assert source.load_array(0).shape == (16, 16, 3)
+config = default.get_config()
+config.image_size = (16, 16)
+config.data.cities = synthetic.DEFAULT_CITIES
+config.data.prepared_dir = folder
+config.data.places_per_batch, config.data.images_per_place = 2, 4
+index, source = setup.load_training_places(config, root)
+with train_pipeline.make_train_iterator(index, config, seed=0, num_workers=0,
+                                        prepared=source) as it:
+  assert next(it)['images'].shape == (2, 4, 16, 16, 3)
 bench = tfds_builders.build_benchmark(os.path.join(root, 'synthetic_val'), data_dir)
 split, sources = tfds_builders.open_benchmark(bench)
 assert sources['queries'].load_array(0).ndim == 3
