@@ -22,15 +22,17 @@ configs, as `tfds build` expects:
       --manual_dir=/data/gsv_cities --data_dir=/data/tfds
 
 but the `tfds` command of tensorflow-datasets 4.9.10 itself imports TensorFlow (it fails with "No
-module named 'tensorflow'" before building). Without TensorFlow, build with `build_training_set` /
-`build_benchmark` (any settings), or by name:
+module named 'tensorflow'" before building). Without TensorFlow, build with `python -m vpr_jax.prepare`
+(`build_training_set`, or `build_benchmark` with --benchmark; any settings), or by name:
 `tfds.builder('vpr_training_set/gsv_cities_224', data_dir=..., file_format='array_record')
 .download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...))`.
 
 A built dataset is the folder holding `dataset_info.json`
 (`<data_dir>/vpr_training_set/<config>/<version>`); `tfds.builder_from_directory(folder)` opens
-it, and `open_training_set` / `open_benchmark` give the interface the training and evaluation
-pipelines use: the stored JPEG bytes are decoded by the project's decoder (whole examples are read
+it, and `open_training_set` / `open_benchmark` give random access to the records:
+`open_training_set` is what training reads when config.data.prepared_dir is set (the train
+pipeline's `prepared` source), and the benchmark sources have the same interface (evaluation
+still reads the split folders). The stored JPEG bytes are decoded by the project's decoder (whole examples are read
 with `tfds.decode.SkipDecoding()` for the image; image reads take the bytes straight from the
 serialized example, which TFDS's generic decoding of every feature would make ~10x slower).
 
