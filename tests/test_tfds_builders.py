@@ -321,3 +321,31 @@ def test_registered_builders_build_by_name(synthetic_root, tmp_path):
   assert len(queries) == len(sources['queries'])
   assert queries[0]['image'] == sources['queries'][0]
   assert sources['queries'].load_array(0).shape == (224, 224, 3)
+
+
+def test_a_build_from_other_files_is_not_reused(tmp_path):
+  root = tmp_path / 'data'
+  synthetic.make_training_places(str(root), seed=1, num_train_places=4, images_per_place=5,
+                                 image_size=(20, 24), layouts=('gsv_cities',))
+  train_dir = str(root / 'gsv_cities')
+  kwargs = dict(layout='gsv_cities', cities=_CITIES, min_img_per_place=4,
+                encoding=tfds_builders.ImageEncoding((8, 8)))
+  folder = tfds_builders.build_training_set(train_dir, str(tmp_path / 'tfds'), **kwargs)
+  index = gsv_cities.build_place_index(train_dir, 'gsv_cities', _CITIES, 4,
+                                       cache_dir=str(tmp_path / 'cache'))
+  tfds_builders.check_built_from(folder, index)
+  # Other places in the same layout, built with the same settings into the same data folder.
+  other_root = tmp_path / 'other'
+  synthetic.make_training_places(str(other_root), seed=2, num_train_places=3, images_per_place=5,
+                                 image_size=(20, 24), layouts=('gsv_cities',))
+  other_dir = str(other_root / 'gsv_cities')
+  other = gsv_cities.build_place_index(other_dir, 'gsv_cities', _CITIES, 4,
+                                       cache_dir=str(tmp_path / 'cache'))
+  with pytest.raises(tfds_builders.BuiltDatasetError, match='built from other files'):
+    tfds_builders.check_built_from(folder, other)
+  with pytest.raises(tfds_builders.BuiltDatasetError, match='built from other files'):
+    tfds_builders.build_training_set(other_dir, str(tmp_path / 'tfds'), **kwargs)
+  rebuilt = tfds_builders.build_training_set(other_dir, str(tmp_path / 'tfds'), overwrite=True,
+                                             **kwargs)
+  assert rebuilt == folder
+  assert len(tfds_builders.open_training_set(rebuilt)[1]) == other.num_images != index.num_images

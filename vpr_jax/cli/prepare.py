@@ -138,6 +138,7 @@ def prepare_from_flags(argv) -> None:
   name = tfds_builders.training_set_name(layout, cities, min_img_per_place, encoding)
   folder = tfds_builders.training_set_folder(out, name)
   if os.path.isfile(os.path.join(folder, 'dataset_info.json')) and not FLAGS.overwrite:
+    tfds_builders.check_built_from(folder, index)
     print('Already built with these settings (--overwrite builds it again).', flush=True)
   else:
     print(f'Preparing {index.num_images} images of {index.num_places} places from {train_dir} '

@@ -504,13 +504,22 @@ def build_training_set(manual_dir: str, data_dir: str, *, layout: str, cities: S
                            file_format='array_record', num_workers=num_workers)
   directory = _build(builder, manual_dir, num_shards, overwrite)
   # TFDS reuses a finished folder of the same name: check that it holds these source files.
-  stored = read_npz(os.path.join(directory, PLACE_INDEX_FILE))[0]['fingerprint']
-  current = gsv_cities.build_place_index(manual_dir, layout, cities, min_img_per_place)
-  if stored != current.fingerprint:
-    raise BuiltDatasetError(f'{directory!r} was built from other files than those now in '
-                            f'{manual_dir!r}; remove it (or choose another data_dir) and build '
-                            'again.')
+  check_built_from(directory, gsv_cities.build_place_index(manual_dir, layout, cities,
+                                                           min_img_per_place))
   return directory
+
+
+def check_built_from(directory: str, index: PlaceIndex) -> None:
+  """Checks that a built training set holds the images of `index` (the same source files).
+
+  Raises:
+    BuiltDatasetError: it was built from other files (or is not a built training set).
+  """
+  stored = read_npz(os.path.join(os.fspath(directory), PLACE_INDEX_FILE))[0]['fingerprint']
+  if stored != index.fingerprint:
+    raise BuiltDatasetError(f'{directory!r} was built from other files than those now in '
+                            f'{index.root!r}; remove it (or choose another data_dir), or '
+                            'overwrite it, and build again.')
 
 
 def build_benchmark(manual_dir: str, data_dir: str, *, encoding: ImageEncoding = ImageEncoding(),
