@@ -24,6 +24,7 @@ folder is printed on a line of its own, last.
 
 import os
 import time
+from typing import Sequence
 
 from absl import flags
 from ml_collections import config_flags
@@ -156,9 +157,19 @@ def prepare_from_flags(argv) -> None:
   print(folder, flush=True)
 
 
-def prepare_benchmarks(names, data_root: str, out: str, encoding, radius_m: float,
+def prepare_benchmarks(names: Sequence[str], data_root: str, out: str,
+                       encoding: tfds_builders.ImageEncoding, radius_m: float,
                        num_workers: int) -> None:
-  """Builds each benchmark of `names` under `out`; prints the built folders last, one a line."""
+  """Builds each benchmark of `names` under `out`; prints the built folders last, one a line.
+
+  Args:
+    names: registered benchmark names or split folders (`benchmarks.resolve_benchmark_dir`).
+    data_root: the data root the names are resolved under.
+    out: the TFDS data folder to build under.
+    encoding: how the images are stored.
+    radius_m: positive radius in metres (when the ground truth comes from the file names).
+    num_workers: processes reading and encoding images; 0 works in this process.
+  """
   split_dirs = [benchmarks.resolve_benchmark_dir(name, data_root) for name in names]
   folders = []
   for name, split_dir in zip(names, split_dirs):
