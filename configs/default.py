@@ -81,9 +81,9 @@ def get_config():
   # Where the place index is cached ('' = <train_dir>/.vpr_jax_cache); rebuild forces a new one.
   data.cache_dir = ''
   data.rebuild_index = False
-  # Prepared training images (`python -m vpr_jax.prepare`): folder relative to data.root or
-  # absolute; the place index and the JPEGs are then read from its ArrayRecord shards instead of
-  # data.train_dir. '' reads the original images.
+  # Prepared training images (`python -m vpr_jax.prepare`): the built TFDS dataset folder it
+  # prints (the one holding dataset_info.json), relative to data.root or absolute; the place index
+  # and the resized JPEGs are then read from it instead of data.train_dir. '' reads the originals.
   data.prepared_dir = ''
   # Training image decode: 'exact' (libjpeg-turbo for JPEGs, Pillow otherwise; Pillow's pixels),
   # 'dct_scaled' (JPEGs decoded at 1/2, 1/4 or 1/8 scale, still >= image_size, then the exact

@@ -5,8 +5,8 @@ to a temporary folder (optionally made of real photos, --photos), and times
 `train_pipeline.make_train_iterator` for each (source, decoder, worker count): decode + resize +
 RandAugment (or not, --augment) + batching, as in training (no accelerator involved).
 
-Sources: 'original' reads the JPEG files; 'prepared' first prepares them at --image-size
-(`prepared.prepare_training_data`, in a temporary folder) and reads the ArrayRecord shards.
+Sources: 'original' reads the JPEG files; 'prepared' first builds them at --image-size into a
+TFDS dataset (`tfds_builders.build_training_set`, in a temporary folder) and reads its records.
 Decoders (`config.data.decode`): 'pil' (Pillow only), 'turbo' (libjpeg-turbo, the same pixels)
 and 'turbo_dct' (DCT-scaled decode + exact resize). Next to the pipeline, the raw decode (+ the
 exact resize, when the stored size is not --image-size) of the same encoded images, already in
@@ -50,8 +50,8 @@ from vpr_jax.configs import default
 from vpr_jax.data import decode
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
-from vpr_jax.data import prepared
 from vpr_jax.data import synthetic
+from vpr_jax.data import tfds_builders
 from vpr_jax.data import train_pipeline
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -108,11 +108,11 @@ def parse_args(argv=None):
                       help='folder of real JPEGs (searched recursively): the synthetic set\'s '
                       'images are replaced by them (cycled), resized to --source-size')
   parser.add_argument('--source', type=_choices(SOURCES), default=['original'],
-                      help='comma-separated: original (the JPEG files), prepared (ArrayRecord '
-                      'shards prepared at --image-size)')
+                      help='comma-separated: original (the JPEG files), prepared (a TFDS dataset '
+                      'built at --image-size)')
   parser.add_argument('--decoders', type=_choices(DECODERS), default=['turbo'],
                       help=f'comma-separated subset of {list(DECODERS)}')
-  parser.add_argument('--prepared-quality', type=int, default=prepared.DEFAULT_QUALITY,
+  parser.add_argument('--prepared-quality', type=int, default=images.DEFAULT_QUALITY,
                       help='JPEG quality of the prepared records')
   parser.add_argument('--repeats', type=int, default=1,
                       help='interleaved rounds; figures are medians over them')
@@ -242,13 +242,16 @@ def run(args, train_dir, work_dir=None):
       sources[name] = (index, None)
       encoded[name] = [decode.read_file(index.image_path(i)) for i in range(raw_count)]
     else:
-      out_dir = os.path.join(work_dir or tempfile.mkdtemp(prefix='vpr_jax_bench_'), 'prepared')
+      data_dir = os.path.join(work_dir or tempfile.mkdtemp(prefix='vpr_jax_bench_'), 'tfds')
       start = time.perf_counter()
-      prepared.prepare_training_data(index, out_dir, image_size=args.image_size,
-                                     quality=args.prepared_quality, progress=lambda line: None)
+      folder = tfds_builders.build_training_set(
+          train_dir, data_dir, layout=args.layout, cities=cities,
+          min_img_per_place=args.images_per_place,
+          encoding=tfds_builders.ImageEncoding(tuple(args.image_size),
+                                               quality=args.prepared_quality))
       print(f'Prepared {index.num_images} images at {args.image_size[0]}x{args.image_size[1]} '
             f'(quality {args.prepared_quality}) in {time.perf_counter() - start:.1f} s.')
-      prepared_index, source = prepared.open_prepared(out_dir)
+      prepared_index, source = tfds_builders.open_training_set(folder)
       if not np.array_equal(prepared_index.image_paths, index.image_paths):
         raise SystemExit('The prepared index lists other images than the source index.')
       sources[name] = (prepared_index, source)

@@ -8,7 +8,7 @@ Modes (--modes, comma-separated; default compute):
               stages only: nothing runs backward through frozen stages), and --num_devices
               scaling. With torch installed, the same step in PyTorch (the reference below):
               AMP fp16 eager, channels_last, channels_last + torch.compile.
-  end_to_end  JPEG files (or prepared ArrayRecord records) -> grain train iterator
+  end_to_end  JPEG files (or the records of a prepared TFDS dataset) -> grain train iterator
               (`train_pipeline.make_train_iterator`, --workers processes) -> `parallel.prefetch`
               -> the same step, as `loop.train_and_evaluate` feeds it; also with the
               transfer in a background thread (--threaded_prefetch).
@@ -21,8 +21,8 @@ Modes (--modes, comma-separated; default compute):
 Sources for end_to_end / pipeline / eval (--sources original,prepared): --train_dir (with
 --layout, --cities), or synthetic GSV-Cities places written to a temporary folder
 (--synthetic_places, --source_size; written by --workers processes); 'prepared' reads
---prepared_dir, or prepares the original images at the config's image size into a temporary
-folder first (`prepared.prepare_training_data`).
+--prepared_dir (a built TFDS dataset folder), or builds the original images at the config's image
+size into a temporary folder first (`tfds_builders.build_training_set`).
 
   python scripts/bench_train.py --tiny                          # CPU smoke run (CI)
   python scripts/bench_train.py --output bench_train.json       # seed + MixVPR-paper recipes
@@ -74,7 +74,7 @@ from vpr_jax.training import state as train_state
 from vpr_jax import parallel
 from vpr_jax.data import device_augment
 from vpr_jax.data import gsv_cities
-from vpr_jax.data import prepared
+from vpr_jax.data import tfds_builders
 from vpr_jax.data import synthetic
 from vpr_jax.data import train_pipeline
 from vpr_jax.data import workers
@@ -497,7 +497,8 @@ class DataSources:
       config.data.cities = tuple(self.cities)
       config.data.train_layout = self.layout
     elif self._args.prepared_dir:
-      info = prepared.read_info(self._args.prepared_dir)
+      info, _ = tfds_builders.read_npz(
+          os.path.join(self._args.prepared_dir, tfds_builders.PLACE_INDEX_FILE))
       config.data.cities = tuple(info['cities'])
       config.data.train_layout = info['layout']
       config.data.min_img_per_place = int(info['min_img_per_place'])
@@ -515,28 +516,31 @@ class DataSources:
     return self._index
 
   def prepared(self, config):
-    """(index, PreparedSource) of --prepared_dir or of a preparation at config.image_size."""
+    """(index, TrainingSource) of --prepared_dir or of a TFDS build at config.image_size."""
     if self._args.prepared_dir:
-      return prepared.open_prepared(self._args.prepared_dir, config)
+      return tfds_builders.open_training_set(self._args.prepared_dir, config)
     size = tuple(int(s) for s in config.image_size)
     if size not in self._prepared:
-      out = os.path.join(self._workdir, f'prepared_{size[0]}x{size[1]}')
+      index = self.original(config)
       start = time.perf_counter()
-      info = prepared.prepare_training_data(self.original(config), out, image_size=size,
-                                            num_workers=self._args.workers,
-                                            progress=lambda line: None)
+      folder = tfds_builders.build_training_set(
+          self.train_dir, os.path.join(self._workdir, 'tfds'), layout=self.layout,
+          cities=self.cities, min_img_per_place=int(config.data.min_img_per_place),
+          encoding=tfds_builders.ImageEncoding(size), num_workers=self._args.workers)
+      seconds = time.perf_counter() - start
+      _, source = tfds_builders.open_training_set(folder)
       self.info[f'prepared_{size[0]}x{size[1]}'] = {
-          'seconds': time.perf_counter() - start,
-          'images_per_second': info.get('images_per_second_this_run'),
-          'mean_bytes_per_image': info.get('mean_bytes_per_image'),
+          'seconds': seconds,
+          'images_per_second': index.num_images / seconds,
+          'mean_bytes_per_image': float(np.mean([len(source[i]) for i in range(len(source))])),
           'workers': self._args.workers}
-      print(f'Prepared {info["num_images"]} images at {size[0]}x{size[1]} in '
-            f'{time.perf_counter() - start:.1f} s.', flush=True)
-      self._prepared[size] = out
-    return prepared.open_prepared(self._prepared[size], config)
+      print(f'Prepared {index.num_images} images at {size[0]}x{size[1]} in {seconds:.1f} s.',
+            flush=True)
+      self._prepared[size] = folder
+    return tfds_builders.open_training_set(self._prepared[size], config)
 
   def get(self, source: str, config):
-    """(index, PreparedSource or None) for 'original' or 'prepared'."""
+    """(index, TrainingSource or None) for 'original' or 'prepared'."""
     if source == 'original':
       return self.original(config), None
     return self.prepared(config)
@@ -834,7 +838,8 @@ def parse_args(argv=None):
   parser.add_argument('--layout', default='gsv_cities', choices=gsv_cities.LAYOUTS)
   parser.add_argument('--cities', default='', help='comma-separated; default: all in train_dir')
   parser.add_argument('--prepared_dir', default='',
-                      help='prepared folder (default: prepare --train_dir into a temp folder)')
+                      help='built TFDS dataset folder (`vpr_jax.prepare` prints it; default: build '
+                      '--train_dir into a temp folder)')
   parser.add_argument('--synthetic_places', type=int, default=None,
                       help='places of the synthetic set (default 400; --tiny: 8)')
   parser.add_argument('--source_size', type=bench_common.parse_hw, default=None,

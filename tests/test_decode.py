@@ -12,8 +12,8 @@ from vpr_jax import errors
 from vpr_jax.data import decode
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
-from vpr_jax.data import prepared
 from vpr_jax.data import synthetic
+from vpr_jax.data import tfds_builders
 from vpr_jax.data import train_pipeline
 
 _REAL = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'real'
@@ -196,9 +196,11 @@ def training_set(tmp_path_factory):
                                            cities=('SynthA', 'SynthB'), layouts=('gsv_cities',))
   index = gsv_cities.build_place_index(summary['gsv_cities_dir'], 'gsv_cities',
                                        ['SynthA', 'SynthB'], 2)
-  prepared.prepare_training_data(index, str(root / 'prepared'), image_size=(32, 48),
-                                 progress=lambda line: None)
-  return index, prepared.open_prepared(str(root / 'prepared'))
+  folder = tfds_builders.build_training_set(
+      summary['gsv_cities_dir'], str(root / 'tfds'), layout='gsv_cities',
+      cities=('SynthA', 'SynthB'), min_img_per_place=2,
+      encoding=tfds_builders.ImageEncoding((32, 48)))
+  return index, tfds_builders.open_training_set(folder)
 
 
 def _all_batches(index, config, source=None, num_workers=0):
@@ -246,3 +248,13 @@ def test_unknown_decode_mode_is_rejected(training_set):
   with pytest.raises(ValueError, match='data.decode'):
     train_pipeline.make_train_iterator(index, _train_config((32, 48), 'fastest'), seed=0,
                                        num_workers=0)
+
+
+def test_decode_stored_refuses_empty_records_and_decodes_the_rest():
+  with pytest.raises(errors.ImageDecodeError, match='could not be decoded when the data was '
+                     'prepared') as error:
+    decode.decode_stored(b'', 'a.jpg (record 3)')
+  assert error.value.path == 'a.jpg (record 3)'
+  pixels = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+  data = images.encode_jpeg(Image.fromarray(pixels), 95, '4:2:0')
+  np.testing.assert_array_equal(decode.decode_stored(data, 'x'), _pil_rgb(data))

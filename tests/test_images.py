@@ -1,5 +1,6 @@
 """Tests for vpr_jax.data.images: decoding of good and bad files, torchvision-exact resize."""
 
+import io
 import pickle
 
 import numpy as np
@@ -205,3 +206,24 @@ def test_resize_matches_torchvision(tmp_path, source_hw, target_hw):
   ours = images.resize(img, target_hw)
   assert ours.size == expected.size == (target_hw[1], target_hw[0])
   np.testing.assert_array_equal(images.to_uint8_array(ours), np.asarray(expected))
+
+
+def test_resized_size_short_side_follows_torchvision_resize():
+  transforms = pytest.importorskip('torchvision.transforms',
+                                   reason='torchvision defines the Resize(int) size rule')
+  for width, height, side in ((640, 480, 256), (480, 640, 224), (333, 101, 50), (64, 64, 32)):
+    img = Image.new('RGB', (width, height))
+    expected = transforms.Resize(side)(img).size
+    assert images.resized_size(width, height, None, side) == expected
+  assert images.resized_size(640, 480, (224, 200), None) == (200, 224)
+  assert images.resized_size(640, 480, None, None) == (640, 480)
+
+
+@pytest.mark.parametrize('subsampling', sorted(images.SUBSAMPLING))
+def test_encode_jpeg_quality_and_subsampling(subsampling):
+  from PIL import JpegImagePlugin  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+  data = images.encode_jpeg(Image.fromarray(pixels), 80, subsampling)
+  with Image.open(io.BytesIO(data)) as img:
+    assert img.format == 'JPEG' and img.size == (24, 16)
+    assert JpegImagePlugin.get_sampling(img) == images.SUBSAMPLING[subsampling]

@@ -28,7 +28,7 @@ def test_every_package_folder_is_listed_in_pyproject():
 def test_configs_by_name_from_any_folder(tmp_path):
   assert {'default', 'demo', 'mixvpr', 'gem'} <= set(common.packaged_config_names())
   path = common.resolve_config_path('mixvpr')
-  assert os.path.samefile(path, os.path.join(REPO_ROOT, 'configs', 'mixvpr.py'))
+  assert path.endswith(os.path.join('configs', 'mixvpr.py')) and os.path.isfile(path)
   # A packaged config imports the default one through the package, not through the cwd.
   code = ('from vpr_jax.cli import common; import runpy; '
           'print(runpy.run_path(common.resolve_config_path("mixvpr_r50"))["get_config"]()'

@@ -83,3 +83,65 @@ def test_out_is_a_file(synthetic_root, tmp_path):
   assert line == (f"OutputPathError: --out {str(out / 'inside')!r}: {str(out)!r} is a file, "
                   'not a folder.'), line
   assert out.read_text() == 'mine'
+
+
+def test_builds_a_tfds_dataset_and_prints_its_folder(synthetic_root, tmp_path):
+  """The last line of stdout is the built dataset, which TFDS and training open."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from vpr_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'tfds'
+  args = ['--image_size=16,20', '--quality=90', '--records_per_shard=40']
+  result = _run(tmp_path, synthetic_root, *args, out=out)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'images/s' in result.stdout
+  folder = result.stdout.strip().splitlines()[-1]
+  assert os.path.isfile(os.path.join(folder, 'dataset_info.json'))
+  assert folder.startswith(str(out) + os.sep)
+  builder = tfds.builder_from_directory(folder)
+  num_images = builder.info.splits['train'].num_examples
+  assert len(builder.info.splits['train'].filenames) == -(-num_images // 40)
+  index, source = tfds_builders.open_training_set(folder)
+  assert index.num_images == num_images == len(source)
+  assert source.load_array(0).shape == (16, 20, 3)
+  meta, _ = tfds_builders.read_npz(os.path.join(folder, tfds_builders.PLACE_INDEX_FILE))
+  assert meta['encoding']['quality'] == 90 and meta['bad_images'] == []
+
+  # The same settings again: reused, the same folder printed; --overwrite builds it again.
+  mtime = os.stat(os.path.join(folder, 'dataset_info.json')).st_mtime_ns
+  again = _run(tmp_path, synthetic_root, *args, out=out)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'Already built' in again.stdout
+  assert again.stdout.strip().splitlines()[-1] == folder
+  assert os.stat(os.path.join(folder, 'dataset_info.json')).st_mtime_ns == mtime
+  rebuilt = _run(tmp_path, synthetic_root, *args, '--overwrite', out=out)
+  assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+  assert rebuilt.stdout.strip().splitlines()[-1] == folder
+  assert os.stat(os.path.join(folder, 'dataset_info.json')).st_mtime_ns != mtime
+
+
+def test_builds_benchmarks_and_prints_their_folders(synthetic_root, tmp_path):
+  from vpr_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
+  from vpr_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'tfds'
+  test_dir = os.path.join(str(synthetic_root), 'synthetic_test')
+  result = _run(tmp_path, synthetic_root, '--benchmark=synthetic_val,' + test_dir,
+                '--image_size=16,20', out=out)
+  assert result.returncode == 0, result.stderr[-3000:]
+  folders = result.stdout.strip().splitlines()[-2:]
+  assert 'images/s' in result.stdout and len(set(folders)) == 2
+  for folder, split_dir in zip(folders, ('synthetic_val', 'synthetic_test')):
+    split, sources = tfds_builders.open_benchmark(folder)
+    expected = benchmarks.load_benchmark(os.path.join(str(synthetic_root), split_dir),
+                                         use_cache=False)
+    assert split.queries_paths == expected.queries_paths
+    assert sources['database'].load_array(0).shape == (16, 20, 3)
+  # Without a size: the files as they are.
+  result = _run(tmp_path, synthetic_root, '--benchmark=synthetic_val', out=out)
+  assert result.returncode == 0, result.stderr[-3000:]
+  folder = result.stdout.strip().splitlines()[-1]
+  assert folder not in folders
+  split, sources = tfds_builders.open_benchmark(folder)
+  with open(os.path.join(split.root, split.database_paths[0]), 'rb') as f:
+    assert sources['database'][0] == f.read()
+  missing = _single_error_line(_run(tmp_path, synthetic_root, '--benchmark=nowhere', out=out))
+  assert missing.startswith('DatasetNotFoundError: ') and 'nowhere' in missing, missing

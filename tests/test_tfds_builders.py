@@ -1,6 +1,7 @@
 """TFDS builders of the training and benchmark sets: built and read without TensorFlow."""
 
 import csv
+import io
 import os
 import pickle
 import subprocess
@@ -8,13 +9,14 @@ import sys
 
 import grain
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import default as default_config
 from vpr_jax import errors
 from vpr_jax.data import benchmarks
 from vpr_jax.data import gsv_cities
-from vpr_jax.data import prepared
+from vpr_jax.data import images
 from vpr_jax.data import synthetic
 from vpr_jax.data import tfds_builders
 from vpr_jax.data import train_pipeline
@@ -68,16 +70,20 @@ def test_training_set_holds_the_index_and_the_prepared_bytes(layout, built, synt
   assert loaded.cities == index.cities and loaded.root == index.root
   assert len(source) == index.num_images and source.image_size == _SIZE
 
-  # Record for record, the bytes `prepare` stores today (the same resize and JPEG encoder).
-  out = tmp_path / 'prepared'
-  prepared.prepare_training_data(index, str(out), image_size=_SIZE, records_per_shard=1000,
-                                 progress=lambda _: None)
-  reference = prepared.PreparedSource(str(out))
+  # Record for record, the train transform's resize of the source, encoded at quality 95...
   for record in range(index.num_images):
-    assert source[record] == reference[record], record
-  assert source.load_array(0).shape == (*_SIZE, 3)
-  np.testing.assert_array_equal(source.load_array(5), reference.load_array(5))
+    resized = images.resize(images.load_rgb(index.image_path(record)), _SIZE)
+    assert source[record] == images.encode_jpeg(resized, 95, '4:2:0'), record
+  got = source.load_array(5)
+  assert got.shape == (*_SIZE, 3) and got.dtype == np.uint8
+  # ... decoded by the project's decoder: Pillow's pixels of the stored JPEG, which only the JPEG
+  # loss separates from the resized source (tiny noisy images).
+  with Image.open(io.BytesIO(source[5])) as stored:
+    np.testing.assert_array_equal(got, np.asarray(stored.convert('RGB')))
+  resized = images.to_uint8_array(images.resize(images.load_rgb(index.image_path(5)), _SIZE))
+  assert np.abs(got.astype(np.int32) - resized).mean() < 8.0
   assert source.source_path(5) == index.image_path(5)
+  assert source.record_name(5).startswith(index.image_path(5) + ' (record 5 of train')
   place = 3
   np.testing.assert_array_equal(source.place_records(place), index.place_images(place))
   assert source.read_place(place, which=[2, 0]) == [source[int(index.place_images(place)[2])],
@@ -107,8 +113,7 @@ def test_training_examples_carry_the_image_metadata(built, synthetic_root):
     assert example['source_path'].decode() == index.image_paths[record].decode()
 
 
-def test_source_is_picklable_and_feeds_grain_and_the_train_pipeline(built, synthetic_root,
-                                                                    tmp_path):
+def test_source_is_picklable_and_feeds_grain_and_the_train_pipeline(built, synthetic_root):
   _, folders = built
   config = _config(synthetic_root)
   index, source = tfds_builders.open_training_set(folders['gsv_cities'], config)
@@ -119,19 +124,18 @@ def test_source_is_picklable_and_feeds_grain_and_the_train_pipeline(built, synth
   with pytest.raises(IndexError):
     source[len(source)]
 
-  # The same batches as from today's prepared folder (same records, same sampling).
-  out = tmp_path / 'prepared'
-  prepared.prepare_training_data(index, str(out), image_size=_SIZE, records_per_shard=1000,
-                                 progress=lambda _: None)
-  prepared_index, prepared_source = prepared.open_prepared(str(out), config)
+  # The same batches in a worker process as in this one, and as the stored images say.
   batches = []
-  for idx, src, workers in ((index, source, 1), (prepared_index, prepared_source, 0)):
-    with train_pipeline.make_train_iterator(idx, config, seed=3, prepared=src,
+  for workers in (1, 0):
+    with train_pipeline.make_train_iterator(index, config, seed=3, prepared=source,
                                             num_workers=workers) as it:
       batches.append([next(it) for _ in range(3)])
   for a, b in zip(*batches):
     np.testing.assert_array_equal(a['labels'], b['labels'])
     np.testing.assert_array_equal(a['images'], b['images'])
+  # Without augmentation, a batch image is a stored image decoded (these are at the train size).
+  stored = {source.load_array(record).tobytes() for record in range(len(source))}
+  assert all(image.tobytes() in stored for image in batches[0][0]['images'].reshape(-1, *_SIZE, 3))
 
 
 def test_undecodable_image_is_empty_and_named(tmp_path):
@@ -157,11 +161,71 @@ def test_undecodable_image_is_empty_and_named(tmp_path):
   assert [b['record'] for b in meta['bad_images']] == [broken]
 
 
+class _Interrupt(Exception):
+  pass
+
+
+def test_interrupted_build_leaves_nothing_and_overwrite_rebuilds(synthetic_root, tmp_path,
+                                                                monkeypatch):
+  train_dir = os.path.join(str(synthetic_root), 'gsv_cities')
+  data_dir = tmp_path / 'tfds'
+  kwargs = dict(layout='gsv_cities', cities=_CITIES, min_img_per_place=4,
+                encoding=tfds_builders.ImageEncoding((8, 8)))
+  encode = tfds_builders.ImageEncoding.__call__
+  calls = []
+
+  def fail_after_ten(self, path):
+    calls.append(path)
+    if len(calls) > 10:
+      raise _Interrupt()
+    return encode(self, path)
+
+  monkeypatch.setattr(tfds_builders.ImageEncoding, '__call__', fail_after_ten)
+  with pytest.raises(_Interrupt):
+    tfds_builders.build_training_set(train_dir, str(data_dir), **kwargs)
+  name = tfds_builders.training_set_name(**kwargs)
+  folder = tfds_builders.training_set_folder(str(data_dir), name)
+  config_dir = os.path.dirname(folder)
+  # The dataset appears complete or not at all (no partial folder is left either).
+  assert not os.path.exists(folder)
+  assert not os.path.isdir(config_dir) or os.listdir(config_dir) == []
+  monkeypatch.setattr(tfds_builders.ImageEncoding, '__call__', encode)
+  assert tfds_builders.build_training_set(train_dir, str(data_dir), **kwargs) == folder
+  info = os.path.join(folder, 'dataset_info.json')
+  mtime = os.stat(info).st_mtime_ns
+  # Built already: reused as it is; with overwrite, built again.
+  assert tfds_builders.build_training_set(train_dir, str(data_dir), **kwargs) == folder
+  assert os.stat(info).st_mtime_ns == mtime
+  tfds_builders.build_training_set(train_dir, str(data_dir), overwrite=True, **kwargs)
+  assert os.stat(info).st_mtime_ns != mtime
+  index = gsv_cities.build_place_index(train_dir, 'gsv_cities', _CITIES, 4,
+                                       cache_dir=str(tmp_path / 'cache'))
+  assert len(tfds_builders.open_training_set(folder)[1]) == index.num_images
+
+
+def test_bad_encodings_are_refused():
+  with pytest.raises(ValueError, match='not both'):
+    tfds_builders.ImageEncoding((8, 8), short_side=8)
+  with pytest.raises(ValueError, match='quality'):
+    tfds_builders.ImageEncoding((8, 8), quality=0)
+  with pytest.raises(ValueError, match='subsampling'):
+    tfds_builders.ImageEncoding(short_side=8, subsampling='4:1:1')
+  with pytest.raises(ValueError, match='image_size'):
+    tfds_builders.ImageEncoding((8, 0))
+
+
 def test_config_mismatch_and_missing_folders_are_refused(built, synthetic_root, tmp_path):
   _, folders = built
   config = _config(synthetic_root)
   config.data.min_img_per_place = 3
   with pytest.raises(tfds_builders.BuiltDatasetError, match='min_img_per_place is 3'):
+    tfds_builders.open_training_set(folders['gsv_cities'], config)
+  config = _config(synthetic_root)
+  config.data.cities = tuple(reversed(_CITIES))
+  with pytest.raises(tfds_builders.BuiltDatasetError, match='data.cities is'):
+    tfds_builders.open_training_set(folders['gsv_cities'], config)
+  config = _config(synthetic_root, 'gsv_xs')
+  with pytest.raises(tfds_builders.BuiltDatasetError, match="data.train_layout is 'gsv_xs'"):
     tfds_builders.open_training_set(folders['gsv_cities'], config)
   with pytest.raises(tfds_builders.BuiltDatasetError, match='no dataset_info.json'):
     tfds_builders.open_training_set(str(tmp_path))
@@ -204,7 +268,10 @@ def test_benchmark_round_trip(synthetic_root, tmp_path):
 
 _WITHOUT_TENSORFLOW = """
 import os, sys
-from vpr_jax.data import synthetic, tfds_builders
+from vpr_jax.cli import prepare  # The command that builds, and training that reads.
+from vpr_jax.configs import default
+from vpr_jax.data import synthetic, tfds_builders, train_pipeline
+from vpr_jax.training import setup
 root, data_dir = sys.argv[1], sys.argv[2]
 synthetic.make_synthetic_dataset(root, seed=0, num_train_places=6, images_per_place=4,
                                  num_eval_places=3, image_size=(20, 24))
@@ -214,6 +281,15 @@ folder = tfds_builders.build_training_set(
     encoding=tfds_builders.ImageEncoding((16, 16)))
 index, source = tfds_builders.open_training_set(folder)
 assert source.load_array(0).shape == (16, 16, 3)
+config = default.get_config()
+config.image_size = (16, 16)
+config.data.cities = synthetic.DEFAULT_CITIES
+config.data.prepared_dir = folder
+config.data.places_per_batch, config.data.images_per_place = 2, 4
+index, source = setup.load_training_places(config, root)
+with train_pipeline.make_train_iterator(index, config, seed=0, num_workers=0,
+                                        prepared=source) as it:
+  assert next(it)['images'].shape == (2, 4, 16, 16, 3)
 bench = tfds_builders.build_benchmark(os.path.join(root, 'synthetic_val'), data_dir)
 split, sources = tfds_builders.open_benchmark(bench)
 assert sources['queries'].load_array(0).ndim == 3
@@ -245,3 +321,31 @@ def test_registered_builders_build_by_name(synthetic_root, tmp_path):
   assert len(queries) == len(sources['queries'])
   assert queries[0]['image'] == sources['queries'][0]
   assert sources['queries'].load_array(0).shape == (224, 224, 3)
+
+
+def test_a_build_from_other_files_is_not_reused(tmp_path):
+  root = tmp_path / 'data'
+  synthetic.make_training_places(str(root), seed=1, num_train_places=4, images_per_place=5,
+                                 image_size=(20, 24), layouts=('gsv_cities',))
+  train_dir = str(root / 'gsv_cities')
+  kwargs = dict(layout='gsv_cities', cities=_CITIES, min_img_per_place=4,
+                encoding=tfds_builders.ImageEncoding((8, 8)))
+  folder = tfds_builders.build_training_set(train_dir, str(tmp_path / 'tfds'), **kwargs)
+  index = gsv_cities.build_place_index(train_dir, 'gsv_cities', _CITIES, 4,
+                                       cache_dir=str(tmp_path / 'cache'))
+  tfds_builders.check_built_from(folder, index)
+  # Other places in the same layout, built with the same settings into the same data folder.
+  other_root = tmp_path / 'other'
+  synthetic.make_training_places(str(other_root), seed=2, num_train_places=3, images_per_place=5,
+                                 image_size=(20, 24), layouts=('gsv_cities',))
+  other_dir = str(other_root / 'gsv_cities')
+  other = gsv_cities.build_place_index(other_dir, 'gsv_cities', _CITIES, 4,
+                                       cache_dir=str(tmp_path / 'cache'))
+  with pytest.raises(tfds_builders.BuiltDatasetError, match='built from other files'):
+    tfds_builders.check_built_from(folder, other)
+  with pytest.raises(tfds_builders.BuiltDatasetError, match='built from other files'):
+    tfds_builders.build_training_set(other_dir, str(tmp_path / 'tfds'), **kwargs)
+  rebuilt = tfds_builders.build_training_set(other_dir, str(tmp_path / 'tfds'), overwrite=True,
+                                             **kwargs)
+  assert rebuilt == folder
+  assert len(tfds_builders.open_training_set(rebuilt)[1]) == other.num_images != index.num_images

@@ -33,10 +33,6 @@ class InvalidRadiusError(ConfigError):
   """The positive radius (config data.positive_radius_m) is not a finite number >= 0."""
 
 
-class PreparedDataError(UserError, ValueError):
-  """A prepared folder is missing, incomplete, or does not match what was asked for."""
-
-
 class BuiltDatasetError(UserError, ValueError):
   """A built TFDS folder is missing, incomplete, or was built for another configuration."""
 

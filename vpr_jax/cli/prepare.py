@@ -1,16 +1,30 @@
-r"""Prepares the training images once: resized JPEGs in ArrayRecord shards + a place index.
+r"""Prepares the training images once: a TFDS dataset of resized JPEGs with their places.
 
-  python -m vpr_jax.prepare --config configs/mixvpr.py --out /data/vpr/gsv_cities_224 \
+  python -m vpr_jax.prepare --config configs/mixvpr.py --out /data/vpr/tfds \
       [--data_root /data/vpr] [--image_size 224,224 | --short_side 256] [--quality 95] \
       [--num_workers 16]
 
+  python -m vpr_jax.prepare --config configs/mixvpr.py --out /data/vpr/tfds \
+      --benchmark sf_xs_val,tokyo_xs [--image_size 320,320]
+
 Reads the training places of the config (data.train_dir, data.train_layout, data.cities,
-data.min_img_per_place), writes them to --out (layout in `vpr_jax.data.prepared`) and reports
-images/s. Train from it with `--config.data.prepared_dir=<out>`. The default size is the
-config's image_size, so the train transform's resize becomes a no-op. An interrupted run resumes
-when started again with the same arguments; the output folder appears only when complete.
+data.min_img_per_place), builds them as a `vpr_training_set` TFDS dataset under --out (the TFDS
+data folder; layout and fields in `vpr_jax.data.tfds_builders`), reports images/s and prints, as
+its last line, the folder of the built dataset (the one holding dataset_info.json, which
+`tfds.builder_from_directory` opens). Train from it with `--config.data.prepared_dir=<folder>`.
+The default size is the config's image_size, so the train transform's resize becomes a no-op.
+The dataset appears only when complete (an interrupted run leaves nothing and starts over); a
+dataset already built with the same settings is reused unless --overwrite.
+
+With --benchmark, builds evaluation sets instead (`vpr_benchmark`: database and queries splits
+with UTM coordinates and positives within config data.positive_radius_m), one per name or split
+folder, the image files as they are unless --image_size or --short_side is given; each built
+folder is printed on a line of its own, last.
 """
 
+import os
+import time
+from typing import Sequence
 
 from absl import flags
 from ml_collections import config_flags
@@ -18,30 +32,36 @@ from ml_collections import config_flags
 from vpr_jax import config_fields
 from vpr_jax import fileio
 from vpr_jax.cli import common
+from vpr_jax.data import benchmarks
 from vpr_jax.data import gsv_cities
-from vpr_jax.data import prepared
+from vpr_jax.data import images
 from vpr_jax.data import roots
+from vpr_jax.data import tfds_builders
 from vpr_jax.data import workers
 from vpr_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
+DEFAULT_RECORDS_PER_SHARD = 50_000
 
 config_flags.DEFINE_config_file('config', None, 'Training configuration file (configs/*.py).',
                                 lock_config=True)
-flags.DEFINE_string('out', None, 'Prepared data folder to create (absolute, or relative to the '
-                    'current directory).')
+flags.DEFINE_string('out', None, 'TFDS data folder to build the dataset under (absolute, or '
+                    'relative to the current directory).')
 flags.DEFINE_string('data_root', None, 'Overrides config.data.root (default: $VPR_DATA_ROOT).')
 flags.DEFINE_list('image_size', None, 'H,W to resize every image to (default: the config\'s '
                   'image_size).')
 flags.DEFINE_integer('short_side', None, 'Resize the shorter side to this (aspect ratio kept) '
                      'instead of to a fixed H,W.')
-flags.DEFINE_integer('quality', prepared.DEFAULT_QUALITY, 'JPEG quality (1..100).')
-flags.DEFINE_enum('subsampling', '4:2:0', sorted(prepared.SUBSAMPLING), 'JPEG chroma subsampling.')
+flags.DEFINE_integer('quality', images.DEFAULT_QUALITY, 'JPEG quality (1..100).')
+flags.DEFINE_enum('subsampling', '4:2:0', sorted(images.SUBSAMPLING), 'JPEG chroma subsampling.')
 flags.DEFINE_integer('num_workers', -1, 'Decoding/encoding processes; -1: one per CPU core; 0: '
                      'this process only.')
-flags.DEFINE_integer('records_per_shard', prepared.DEFAULT_RECORDS_PER_SHARD,
-                     'Images per ArrayRecord file.')
-flags.DEFINE_bool('overwrite', False, 'Replace an existing non-empty --out folder.')
+flags.DEFINE_integer('records_per_shard', DEFAULT_RECORDS_PER_SHARD,
+                     'Images per ArrayRecord file (at most; the files hold equal shares).')
+flags.DEFINE_list('benchmark', None, 'Build these benchmark sets (registered names or split '
+                  'folders) instead of the training set.')
+flags.DEFINE_bool('overwrite', False, 'Build again when a dataset with the same settings is '
+                  'already built under --out.')
 flags.mark_flags_as_required(['config', 'out'])
 
 
@@ -95,28 +115,86 @@ def prepare_from_flags(argv) -> None:
   check_arguments(FLAGS.short_side, FLAGS.quality, FLAGS.num_workers, FLAGS.records_per_shard)
   short_side = FLAGS.short_side
   image_size = None
-  if short_side is None:
-    image_size = (parse_image_size(FLAGS.image_size) if FLAGS.image_size is not None
-                  else config_image_size(config))
+  if FLAGS.image_size is not None:
+    image_size = parse_image_size(FLAGS.image_size)
+  elif short_side is None and not FLAGS.benchmark:
+    image_size = config_image_size(config)
   out = fileio.check_output_folder(FLAGS.out, '--out')
   data_root = roots.resolve_data_root(
       FLAGS.data_root if FLAGS.data_root is not None else config.data.root)
+  num_workers = workers.resolve_num_workers(FLAGS.num_workers, '--num_workers')
+  encoding = tfds_builders.ImageEncoding(image_size=image_size, short_side=short_side,
+                                         quality=FLAGS.quality, subsampling=FLAGS.subsampling)
+  if FLAGS.benchmark:
+    prepare_benchmarks(FLAGS.benchmark, data_root, out, encoding,
+                       float(config.data.positive_radius_m), num_workers)
+    return
   train_dir = roots.resolve_under(data_root, config.data.train_dir)
   index = gsv_cities.build_place_index(
       train_dir, config.data.train_layout, tuple(config.data.cities),
       int(config.data.min_img_per_place), cache_dir=config.data.cache_dir,
       rebuild=bool(config.data.rebuild_index))
-  num_workers = workers.resolve_num_workers(FLAGS.num_workers, '--num_workers')
-  print(f'Preparing {index.num_images} images of {index.num_places} places from {train_dir} '
-        f'into {out} with {num_workers} workers.', flush=True)
-  info = prepared.prepare_training_data(
-      index, out, image_size=image_size, short_side=short_side, quality=FLAGS.quality,
-      subsampling=FLAGS.subsampling, num_workers=num_workers,
-      records_per_shard=FLAGS.records_per_shard, overwrite=FLAGS.overwrite,
-      progress=lambda line: print(line, flush=True))
-  rate = info.get('images_per_second_this_run')
-  print(f'Done: {out} ({info["num_bad_images"]} unreadable images'
-        + (f'; {rate:.0f} images/s' if rate else '') + ').', flush=True)
+  layout, cities = config.data.train_layout, tuple(config.data.cities)
+  min_img_per_place = int(config.data.min_img_per_place)
+  name = tfds_builders.training_set_name(layout, cities, min_img_per_place, encoding)
+  folder = tfds_builders.training_set_folder(out, name)
+  if os.path.isfile(os.path.join(folder, 'dataset_info.json')) and not FLAGS.overwrite:
+    tfds_builders.check_built_from(folder, index)
+    print('Already built with these settings (--overwrite builds it again).', flush=True)
+  else:
+    print(f'Preparing {index.num_images} images of {index.num_places} places from {train_dir} '
+          f'with {num_workers} workers.', flush=True)
+    start = time.perf_counter()
+    folder = tfds_builders.build_training_set(
+        train_dir, out, layout=layout, cities=cities, min_img_per_place=min_img_per_place,
+        encoding=encoding, name=name, num_workers=num_workers,
+        num_shards=-(-index.num_images // FLAGS.records_per_shard), overwrite=FLAGS.overwrite)
+    seconds = time.perf_counter() - start
+    meta, _ = tfds_builders.read_npz(os.path.join(folder, tfds_builders.PLACE_INDEX_FILE))
+    print(f'Done: {index.num_images} images ({len(meta["bad_images"])} unreadable) in '
+          f'{seconds:.1f} s, {index.num_images / seconds:.0f} images/s.', flush=True)
+  # Last line: the built dataset, for --config.data.prepared_dir and tfds.builder_from_directory.
+  print(folder, flush=True)
+
+
+def prepare_benchmarks(names: Sequence[str], data_root: str, out: str,
+                       encoding: tfds_builders.ImageEncoding, radius_m: float,
+                       num_workers: int) -> None:
+  """Builds each benchmark of `names` under `out`; prints the built folders last, one a line.
+
+  Args:
+    names: registered benchmark names or split folders (`benchmarks.resolve_benchmark_dir`).
+    data_root: the data root the names are resolved under.
+    out: the TFDS data folder to build under.
+    encoding: how the images are stored.
+    radius_m: positive radius in metres (when the ground truth comes from the file names).
+    num_workers: processes reading and encoding images; 0 works in this process.
+  """
+  split_dirs = [benchmarks.resolve_benchmark_dir(name, data_root) for name in names]
+  folders = []
+  for name, split_dir in zip(names, split_dirs):
+    config_name = tfds_builders.benchmark_name(split_dir, radius_m, encoding)
+    folder = tfds_builders.benchmark_folder(out, config_name)
+    if os.path.isfile(os.path.join(folder, 'dataset_info.json')) and not FLAGS.overwrite:
+      print(f'{name}: already built with these settings (--overwrite builds it again).',
+            flush=True)
+    else:
+      print(f'{name}: building from {split_dir} with {num_workers} workers.', flush=True)
+      start = time.perf_counter()
+      folder = tfds_builders.build_benchmark(split_dir, out, encoding=encoding,
+                                             radius_m=radius_m, name=config_name,
+                                             num_workers=num_workers, overwrite=FLAGS.overwrite)
+      seconds = time.perf_counter() - start
+      split, _ = tfds_builders.open_benchmark(folder)
+      meta, _ = tfds_builders.read_npz(os.path.join(folder, tfds_builders.BENCHMARK_FILE))
+      num_images = split.num_database + split.num_queries
+      num_bad = sum(len(bad) for bad in meta['bad_images'].values())
+      print(f'{name}: {num_images} images ({num_bad} unreadable) in {seconds:.1f} s, '
+            f'{num_images / seconds:.0f} images/s.', flush=True)
+    folders.append(folder)
+  # Last lines: the built datasets, for tfds.builder_from_directory / open_benchmark.
+  for folder in folders:
+    print(folder, flush=True)
 
 
 def main(argv):

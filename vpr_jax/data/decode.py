@@ -1,7 +1,8 @@
 """The one image decoder of vpr_jax: encoded bytes or a file -> 8-bit RGB pixels.
 
 Training (original files and prepared records), preparation and evaluation all decode through
-`decode_rgb` / `read_rgb`, so the rules below hold everywhere.
+`decode_rgb` / `read_rgb` (`decode_stored` for the records of prepared data), so the rules below
+hold everywhere.
 
 Decoders. JPEGs in YCbCr, greyscale or RGB colour space are decoded by libjpeg-turbo through
 simplejpeg, straight into a numpy array (no PIL image in between). Everything else goes through
@@ -275,3 +276,29 @@ def read_rgb(path: str | os.PathLike, min_size: Sequence[int] | None = None,
   check_truncation_policy()
   path = os.fspath(path)
   return decode_rgb(read_file(path), path, min_size, decoder, out)
+
+
+def decode_stored(data: bytes, name: str, min_size: Sequence[int] | None = None,
+                  decoder: str = 'turbo', out: np.ndarray | None = None) -> np.ndarray:
+  """`decode_rgb` of an image stored in prepared data, where empty bytes mark a bad source.
+
+  Prepared data (`vpr_jax.data.tfds_builders`) stores a source image that could not be decoded
+  as empty bytes, so that reading it fails like reading the source would.
+
+  Args:
+    data: the stored bytes.
+    name: what to call the image in errors (its source file and record).
+    min_size: see `decode_rgb`.
+    decoder: see `decode_rgb`.
+    out: see `decode_rgb`.
+
+  Returns:
+    uint8 [H, W, 3] (`out` when it has the decoded shape).
+
+  Raises:
+    ImageDecodeError: empty (bad source) or undecodable bytes.
+  """
+  if not data:
+    raise ImageDecodeError(
+        name, 'the source image could not be decoded when the data was prepared (empty record)')
+  return decode_rgb(data, name, min_size, decoder, out)

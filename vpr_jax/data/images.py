@@ -12,6 +12,8 @@ JPEGs at a reduced (DCT) scale that is still at least the model's input size.
 `resize` reproduces `torchvision.transforms.Resize((H, W))` on PIL images bit for bit: torchvision
 calls `img.resize((W, H), Image.BILINEAR)`, which in PIL is an antialiased (support-scaled)
 bilinear filter, and returns the image untouched when it already has the target size.
+`resized_size` is torchvision's `Resize(int)` size rule (shorter side, aspect ratio kept), and
+`encode_jpeg` the JPEG encoding of prepared data (`vpr_jax.data.tfds_builders`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ import numpy as np
 from PIL import Image
 
 from vpr_jax.data import decode
+
+# JPEG quality of prepared (resized, re-encoded) images.
+DEFAULT_QUALITY = 95
+# Chroma subsampling names -> PIL's `subsampling` values.
+SUBSAMPLING = {'4:4:4': 0, '4:2:2': 1, '4:2:0': 2}
 
 # EXIF orientation tag and PIL's transposition for each value (as `ImageOps.exif_transpose`).
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -207,3 +214,42 @@ def resize_array(pixels: np.ndarray, size: Sequence[int]) -> np.ndarray:
   if pixels.shape[:2] == (height, width):
     return pixels
   return to_uint8_array(resize(Image.fromarray(pixels), (height, width)))
+
+
+def resized_size(width: int, height: int, image_size: Sequence[int] | None,
+                 short_side: int | None) -> tuple[int, int]:
+  """(width, height) an image of (width, height) is stored at when prepared.
+
+  Args:
+    width: source width.
+    height: source height.
+    image_size: (H, W) to resize to exactly, or None.
+    short_side: length of the shorter side (aspect ratio kept, torchvision's `Resize(int)`
+      rule: the long side is int(short_side * long / short)), or None.
+
+  Returns:
+    The stored (width, height): the source size when both image_size and short_side are None.
+  """
+  if image_size is not None:
+    return int(image_size[1]), int(image_size[0])
+  if short_side is None:
+    return width, height
+  if width <= height:
+    return int(short_side), int(short_side * height / width)
+  return int(short_side * width / height), int(short_side)
+
+
+def encode_jpeg(img: Image.Image, quality: int, subsampling: str) -> bytes:
+  """JPEG bytes of an RGB PIL image (baseline, no metadata).
+
+  Args:
+    img: the image.
+    quality: JPEG quality, 1..100.
+    subsampling: chroma subsampling, a key of SUBSAMPLING ('4:2:0' is PIL's default).
+
+  Returns:
+    The encoded bytes.
+  """
+  buffer = io.BytesIO()
+  img.save(buffer, format='JPEG', quality=int(quality), subsampling=SUBSAMPLING[subsampling])
+  return buffer.getvalue()

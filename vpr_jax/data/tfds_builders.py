@@ -5,8 +5,9 @@ Two `tfds.core.GeneratorBasedBuilder`s write ArrayRecord datasets (`file_format=
 
 * `VprTrainingSet`: the training places of GSV-Cities or GSV-XS (`gsv_cities.build_place_index`),
   one split 'train' in place-index order (the images of place p are the records
-  place_offsets[p]:place_offsets[p + 1]); each image resized as `prepare` does (exact (H, W), or
-  the short side) and re-encoded to JPEG; with its place (position and label), city, latitude,
+  place_offsets[p]:place_offsets[p + 1]); each image resized (exact (H, W) as the train
+  transform's first step, `images.resize`, or the short side, `images.resized_size`) and
+  re-encoded to JPEG (`images.encode_jpeg`); with its place (position and label), city, latitude,
   longitude, year, month, heading, panorama id and source path. The place index itself is stored
   next to the records (`place_index.npz`), so that a reader needs no pass over the records.
 * `VprBenchmark`: an evaluation set (`benchmarks.load_benchmark`), splits 'database' and 'queries'
@@ -21,15 +22,17 @@ configs, as `tfds build` expects:
       --manual_dir=/data/gsv_cities --data_dir=/data/tfds
 
 but the `tfds` command of tensorflow-datasets 4.9.10 itself imports TensorFlow (it fails with "No
-module named 'tensorflow'" before building). Without TensorFlow, build with `build_training_set` /
-`build_benchmark` (any settings), or by name:
+module named 'tensorflow'" before building). Without TensorFlow, build with `python -m vpr_jax.prepare`
+(`build_training_set`, or `build_benchmark` with --benchmark; any settings), or by name:
 `tfds.builder('vpr_training_set/gsv_cities_224', data_dir=..., file_format='array_record')
 .download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...))`.
 
 A built dataset is the folder holding `dataset_info.json`
 (`<data_dir>/vpr_training_set/<config>/<version>`); `tfds.builder_from_directory(folder)` opens
-it, and `open_training_set` / `open_benchmark` give the interface the training and evaluation
-pipelines use: the stored JPEG bytes are decoded by the project's decoder (whole examples are read
+it, and `open_training_set` / `open_benchmark` give random access to the records:
+`open_training_set` is what training reads when config.data.prepared_dir is set (the train
+pipeline's `prepared` source), and the benchmark sources have the same interface (evaluation
+still reads the split folders). The stored JPEG bytes are decoded by the project's decoder (whole examples are read
 with `tfds.decode.SkipDecoding()` for the image; image reads take the bytes straight from the
 serialized example, which TFDS's generic decoding of every feature would make ~10x slower).
 
@@ -58,9 +61,9 @@ from tensorflow_datasets.proto import tf_example_pb2
 from vpr_jax import errors
 from vpr_jax.configs import default
 from vpr_jax.data import benchmarks
+from vpr_jax.data import decode
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import images
-from vpr_jax.data import prepared
 from vpr_jax.data.gsv_cities import PlaceIndex
 from vpr_jax.errors import BuiltDatasetError
 
@@ -78,7 +81,7 @@ _CHUNK_SIZE = 64
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoding (what `prepare` does to each image).
+# Encoding (what is done to each image before it is stored).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +96,28 @@ class ImageEncoding:
   """
   image_size: tuple[int, int] | None = None
   short_side: int | None = None
-  quality: int = prepared.DEFAULT_QUALITY
+  quality: int = images.DEFAULT_QUALITY
   subsampling: str = '4:2:0'
+
+  def __post_init__(self):
+    if self.image_size is not None and self.short_side is not None:
+      raise ValueError(f'give image_size or short_side, not both; got image_size='
+                       f'{self.image_size!r}, short_side={self.short_side!r}.')
+    if self.image_size is not None and (
+        len(self.image_size) != 2 or any(int(s) != s or s <= 0 for s in self.image_size)):
+      raise ValueError(f'image_size must be (height, width) of positive integers, got '
+                       f'{self.image_size!r}.')
+    if self.short_side is not None and (int(self.short_side) != self.short_side
+                                        or self.short_side <= 0):
+      raise ValueError(f'short_side must be a positive integer, got {self.short_side!r}.')
+    if not 1 <= int(self.quality) <= 100:
+      raise ValueError(f'quality must be in [1, 100], got {self.quality!r}.')
+    if self.subsampling not in images.SUBSAMPLING:
+      raise ValueError(f'subsampling must be one of {sorted(images.SUBSAMPLING)}, got '
+                       f'{self.subsampling!r}.')
+    if self.image_size is not None:
+      # A tuple of ints whatever was given, so that describe() and the config name agree.
+      object.__setattr__(self, 'image_size', tuple(int(s) for s in self.image_size))
 
   @property
   def keeps_originals(self) -> bool:
@@ -112,12 +135,12 @@ class ImageEncoding:
       img = images.load_rgb(path)
     except errors.ImageDecodeError as e:
       return b'', e.reason
-    width, height = prepared.resized_size(img.width, img.height, self.image_size,
-                                          self.short_side)
+    width, height = images.resized_size(img.width, img.height, self.image_size,
+                                        self.short_side)
     if (width, height) != img.size:
       # PIL's antialiased bilinear, exactly what torchvision's Resize does on PIL images.
       img = images.resize(img, (height, width))
-    return prepared.encode_jpeg(img, self.quality, self.subsampling), ''
+    return images.encode_jpeg(img, self.quality, self.subsampling), ''
 
   def describe(self) -> dict[str, Any]:
     return {'image_size': list(self.image_size) if self.image_size else None,
@@ -403,19 +426,52 @@ def _config_name(prefix: str, settings: dict[str, Any]) -> str:
   return f'{prefix}_{digest[:12]}'
 
 
-def _build(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str) -> str:
+def training_set_name(layout: str, cities: Sequence[str], min_img_per_place: int,
+                      encoding: ImageEncoding) -> str:
+  """The default config name of a training set: the layout and a hash of every setting."""
+  return _config_name(layout, {'cities': list(cities), 'min_img_per_place': min_img_per_place,
+                               'encoding': encoding.describe()})
+
+
+def training_set_folder(data_dir: str, name: str) -> str:
+  """Where `build_training_set(..., data_dir, name=name)` puts the built dataset."""
+  return os.path.join(os.path.abspath(os.fspath(data_dir)), VprTrainingSet.name, name,
+                      str(VERSION))
+
+
+def benchmark_name(manual_dir: str, radius_m: float, encoding: ImageEncoding) -> str:
+  """The default config name of a benchmark: the split folder's name and a hash of the settings."""
+  folder = os.path.abspath(os.fspath(manual_dir))
+  return _config_name(
+      ''.join(c if c.isalnum() else '_' for c in os.path.basename(folder)) or 'benchmark',
+      {'folder': folder, 'radius_m': float(radius_m), 'encoding': encoding.describe()})
+
+
+def benchmark_folder(data_dir: str, name: str) -> str:
+  """Where `build_benchmark(..., data_dir, name=name)` puts the built dataset."""
+  return os.path.join(os.path.abspath(os.fspath(data_dir)), VprBenchmark.name, name,
+                      str(VERSION))
+
+
+def _build(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str, num_shards: int | None,
+           overwrite: bool) -> str:
   manual_dir = os.path.abspath(os.fspath(manual_dir))
   if not os.path.isdir(manual_dir):
     raise BuiltDatasetError(f'Manual directory {manual_dir!r} does not exist. '
                             + ' '.join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split()))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  # TFDS writes into a temporary folder renamed when complete: an interrupted build leaves no
+  # dataset behind, and the next build starts over.
+  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, num_shards=num_shards, download_mode=mode))
   return os.fspath(builder.data_dir)
 
 
 def build_training_set(manual_dir: str, data_dir: str, *, layout: str, cities: Sequence[str],
                        min_img_per_place: int, encoding: ImageEncoding,
-                       name: str | None = None, num_workers: int = 0) -> str:
+                       name: str | None = None, num_workers: int = 0,
+                       num_shards: int | None = None, overwrite: bool = False) -> str:
   """Builds (or finds already built) a VprTrainingSet; returns the folder of the built dataset.
 
   Args:
@@ -428,6 +484,8 @@ def build_training_set(manual_dir: str, data_dir: str, *, layout: str, cities: S
     name: the builder config name (the folder under `vpr_training_set/`); by default the layout
       and a hash of the settings, so that other settings never reuse a build.
     num_workers: processes decoding and encoding images; 0 works in this process.
+    num_shards: ArrayRecord files to write; None lets TFDS choose (files of 64 MiB to 1 GiB).
+    overwrite: build again even when a dataset of the same name is already built.
 
   Returns:
     The folder holding `dataset_info.json` (for `open_training_set` /
@@ -439,26 +497,34 @@ def build_training_set(manual_dir: str, data_dir: str, *, layout: str, cities: S
     gsv_cities.DatasetError: the training folder does not have the expected layout.
   """
   if name is None:
-    name = _config_name(layout, {'cities': list(cities), 'min_img_per_place': min_img_per_place,
-                                 'encoding': encoding.describe()})
+    name = training_set_name(layout, cities, min_img_per_place, encoding)
   config = TrainingSetConfig(name=name, layout=layout, cities=cities,
                              min_img_per_place=min_img_per_place, encoding=encoding)
   builder = VprTrainingSet(config=config, data_dir=os.fspath(data_dir),
                            file_format='array_record', num_workers=num_workers)
-  directory = _build(builder, manual_dir)
+  directory = _build(builder, manual_dir, num_shards, overwrite)
   # TFDS reuses a finished folder of the same name: check that it holds these source files.
-  stored = read_npz(os.path.join(directory, PLACE_INDEX_FILE))[0]['fingerprint']
-  current = gsv_cities.build_place_index(manual_dir, layout, cities, min_img_per_place)
-  if stored != current.fingerprint:
-    raise BuiltDatasetError(f'{directory!r} was built from other files than those now in '
-                            f'{manual_dir!r}; remove it (or choose another data_dir) and build '
-                            'again.')
+  check_built_from(directory, gsv_cities.build_place_index(manual_dir, layout, cities,
+                                                           min_img_per_place))
   return directory
+
+
+def check_built_from(directory: str, index: PlaceIndex) -> None:
+  """Checks that a built training set holds the images of `index` (the same source files).
+
+  Raises:
+    BuiltDatasetError: it was built from other files (or is not a built training set).
+  """
+  stored = read_npz(os.path.join(os.fspath(directory), PLACE_INDEX_FILE))[0]['fingerprint']
+  if stored != index.fingerprint:
+    raise BuiltDatasetError(f'{directory!r} was built from other files than those now in '
+                            f'{index.root!r}; remove it (or choose another data_dir), or '
+                            'overwrite it, and build again.')
 
 
 def build_benchmark(manual_dir: str, data_dir: str, *, encoding: ImageEncoding = ImageEncoding(),
                     radius_m: float = benchmarks.DEFAULT_RADIUS_M, name: str | None = None,
-                    num_workers: int = 0) -> str:
+                    num_workers: int = 0, overwrite: bool = False) -> str:
   """Builds (or finds already built) a VprBenchmark of one split folder; returns its folder.
 
   Args:
@@ -469,19 +535,17 @@ def build_benchmark(manual_dir: str, data_dir: str, *, encoding: ImageEncoding =
     name: the builder config name; by default the split folder's name and a hash of it and of
       the settings.
     num_workers: processes reading and encoding images; 0 works in this process.
+    overwrite: build again even when a dataset of the same name is already built.
 
   Returns:
     The folder holding `dataset_info.json`.
   """
   if name is None:
-    folder = os.path.abspath(os.fspath(manual_dir))
-    name = _config_name(
-        ''.join(c if c.isalnum() else '_' for c in os.path.basename(folder)) or 'benchmark',
-        {'folder': folder, 'radius_m': float(radius_m), 'encoding': encoding.describe()})
+    name = benchmark_name(manual_dir, radius_m, encoding)
   config = BenchmarkSetConfig(name=name, encoding=encoding, radius_m=radius_m)
   builder = VprBenchmark(config=config, data_dir=os.fspath(data_dir),
                          file_format='array_record', num_workers=num_workers)
-  return _build(builder, manual_dir)
+  return _build(builder, manual_dir, None, overwrite)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,9 +569,10 @@ def _image_bytes(serialized: bytes) -> bytes:
 class SplitSource:
   """Random access to the stored image bytes of one split: record i -> bytes.
 
-  The same interface as `prepared.PreparedSource` (`__len__`, `__getitem__`, `__getitems__`,
-  `load_rgb`, `load_array`, `source_path`, and for the training set `place_records` and
-  `read_place`). Picklable: grain workers receive a copy and open the records lazily.
+  `__len__`, `__getitem__`, `__getitems__`, `load_pixels` (what the train pipeline reads),
+  `load_rgb`, `load_array`, `source_path`, `record_name`, and for the training set
+  `place_records` and `read_place`. Picklable: grain workers receive a copy and open the records
+  lazily.
   """
 
   def __init__(self, directory: str, split: str, source_root: str, paths_file: str,
@@ -599,23 +664,34 @@ class SplitSource:
       records = records[np.asarray(which, np.int64)]
     return self.__getitems__(records.tolist())
 
+  def record_name(self, record: int) -> str:
+    """How errors name a record: its source file, the record number, the split and the folder."""
+    return f'{self.source_path(record)} (record {record} of {self._split} in {self._directory})'
+
+  def load_pixels(self, record: int, min_size: Sequence[int] | None = None,
+                  decoder: str = 'turbo', out: np.ndarray | None = None) -> np.ndarray:
+    """Decoded record as uint8 [H, W, 3] (`decode.decode_stored`; arguments as there).
+
+    Raises:
+      errors.ImageDecodeError: naming the source file, when the record is empty or corrupt.
+    """
+    try:
+      return decode.decode_stored(self[record], '', min_size, decoder, out)
+    except errors.ImageDecodeError as e:
+      # The source paths (tens of MB) are loaded only when something fails.
+      raise errors.ImageDecodeError(self.record_name(record), e.reason) from None
+
   def load_rgb(self, record: int) -> Image.Image:
     """Decoded record as an RGB PIL image (a drop-in for `images.load_rgb(path)`).
 
     Raises:
       errors.ImageDecodeError: naming the source file, when the record is empty or corrupt.
     """
-    try:
-      return prepared.decode_image(self[record], '')
-    except errors.ImageDecodeError as e:
-      # The source path is looked up only for the message.
-      raise errors.ImageDecodeError(
-          f'{self.source_path(record)} (record {record} of {self._split} in {self._directory})',
-          e.reason) from None
+    return Image.fromarray(self.load_pixels(record))
 
   def load_array(self, record: int) -> np.ndarray:
     """Decoded record as uint8 [H, W, 3]."""
-    return images.to_uint8_array(self.load_rgb(record))
+    return self.load_pixels(record)
 
 
 class TrainingSource(SplitSource):
@@ -657,7 +733,7 @@ def load_training_index(directory: str) -> PlaceIndex:
 def open_training_set(directory: str, config=None) -> tuple[PlaceIndex, TrainingSource]:
   """The place index and the record source of a built training set, checked against a config.
 
-  The counterpart of `prepared.open_prepared` for TFDS folders.
+  What training reads when config.data.prepared_dir is set.
 
   Args:
     directory: the built dataset folder (holding dataset_info.json).

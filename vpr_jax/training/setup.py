@@ -1,7 +1,7 @@
 """Everything a training run needs before its first step, built by one function: `setup_run`.
 
 config -> `check_config` (every module checks its own fields) -> data root, synthetic data,
-training places (`data.gsv_cities` or a prepared folder), validation sets -> `programs` (model,
+training places (`data.gsv_cities` or a built TFDS dataset), validation sets -> `programs` (model,
 optimiser, compiled step) -> train state (ImageNet weights, or restored from the workdir's latest
 checkpoint with the data iterator) -> a `Run`. Nothing is written into the workdir before every
 input has been read and checked, so a run that fails here leaves no workdir behind.
@@ -31,9 +31,9 @@ from vpr_jax.conversion import mapping
 from vpr_jax.data import augment
 from vpr_jax.data import benchmarks
 from vpr_jax.data import gsv_cities
-from vpr_jax.data import prepared
 from vpr_jax.data import roots
 from vpr_jax.data import synthetic
+from vpr_jax.data import tfds_builders
 from vpr_jax.data import train_pipeline
 from vpr_jax.data import workers
 from vpr_jax.errors import ConfigError
@@ -231,9 +231,10 @@ class Run:
 def load_training_places(config: ml_collections.ConfigDict, data_root: str):
   """(place index, prepared source or None): the training places as configured."""
   if config.data.prepared_dir:
-    # Images resized once and re-encoded (`python -m vpr_jax.prepare`): same places and order.
-    return prepared.open_prepared(roots.resolve_under(data_root, config.data.prepared_dir),
-                                  config)
+    # Images resized once and re-encoded into a TFDS dataset (`python -m vpr_jax.prepare`):
+    # same places and order.
+    return tfds_builders.open_training_set(
+        roots.resolve_under(data_root, config.data.prepared_dir), config)
   index = gsv_cities.build_place_index(
       roots.resolve_under(data_root, config.data.train_dir), config.data.train_layout,
       tuple(config.data.cities), int(config.data.min_img_per_place),
