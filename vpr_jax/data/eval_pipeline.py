@@ -30,8 +30,9 @@ class _DecodeBatch:
   """Decodes one padded batch of images; picklable, so it can run in grain worker processes."""
 
   def __init__(self, root: str, relative_paths: Sequence[str], image_size: tuple[int, int],
-               batch_size: int):
+               batch_size: int, interpolation: str = 'bilinear'):
     self.root = root
+    self.interpolation = interpolation
     self.relative_paths = list(relative_paths)
     self.image_size = image_size
     self.batch_size = batch_size
@@ -45,7 +46,7 @@ class _DecodeBatch:
     index = np.full((self.batch_size,), -1, dtype=np.int32)
     for slot, i in enumerate(range(start, stop)):
       path = os.path.join(self.root, self.relative_paths[i])
-      pixels[slot] = images.load_resized_array(path, self.image_size)
+      pixels[slot] = images.load_resized_array(path, self.image_size, self.interpolation)
       mask[slot] = True
       index[slot] = i
     return {'images': pixels, 'mask': mask, 'index': index}
@@ -57,7 +58,7 @@ def num_batches(num_images: int, batch_size: int) -> int:
 
 
 def make_eval_dataset(root: str, relative_paths: Sequence[str], image_size: Sequence[int],
-                      batch_size: int) -> grain.MapDataset:
+                      batch_size: int, interpolation: str = 'bilinear') -> grain.MapDataset:
   """The evaluation batches as a grain MapDataset (random access: `ds[i]` is batch i).
 
   Args:
@@ -65,6 +66,7 @@ def make_eval_dataset(root: str, relative_paths: Sequence[str], image_size: Sequ
     relative_paths: images in evaluation order.
     image_size: (height, width) after resizing.
     batch_size: images per batch.
+    interpolation: 'bilinear' or 'bicubic' (see `images.load_resized_array`).
 
   Returns:
     A MapDataset of dicts `images` uint8 [B, H, W, 3], `mask` bool [B], `index` int32 [B].
@@ -76,13 +78,15 @@ def make_eval_dataset(root: str, relative_paths: Sequence[str], image_size: Sequ
   if len(relative_paths) >= 2**31:
     raise ValueError('at most 2**31 - 1 images (indices are int32)')
   height, width = int(image_size[0]), int(image_size[1])
-  decode = _DecodeBatch(os.fspath(root), relative_paths, (height, width), int(batch_size))
+  decode = _DecodeBatch(os.fspath(root), relative_paths, (height, width), int(batch_size),
+                        interpolation)
   return grain.MapDataset.range(num_batches(len(relative_paths), batch_size)).map(decode)
 
 
 def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Sequence[int],
                        batch_size: int, num_workers: int = 0, num_threads: int = 2,
-                       prefetch_batches: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                       prefetch_batches: int = 2, interpolation: str = 'bilinear'
+                       ) -> Iterator[dict[str, np.ndarray]]:
   """Iterates over the evaluation batches of a path list, in order.
 
   Args:
@@ -93,6 +97,7 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
     num_workers: grain worker processes (0: decode in this process).
     num_threads: decoding threads per process (PIL releases the GIL while decoding).
     prefetch_batches: batches buffered per process.
+    interpolation: 'bilinear' or 'bicubic' (see `images.load_resized_array`).
 
   Returns:
     An iterator of dicts: `images` uint8 [B, H, W, 3], `mask` bool [B] (False for padding),
@@ -103,7 +108,7 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
   """
   if num_workers < 0:
     raise ValueError(f'num_workers must be >= 0, got {num_workers}')
-  dataset = make_eval_dataset(root, relative_paths, image_size, batch_size)
+  dataset = make_eval_dataset(root, relative_paths, image_size, batch_size, interpolation)
   num_threads = max(0, int(num_threads))
   read_options = grain.ReadOptions(num_threads=num_threads,
                                    prefetch_buffer_size=max(1, int(prefetch_batches), num_threads))

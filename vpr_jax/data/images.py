@@ -37,6 +37,7 @@ from PIL import Image
 from PIL import ImageFile
 
 from vpr_jax.errors import ImageDecodeError
+from vpr_jax.models import torch_resize
 
 # Modes whose conversion to RGB goes through PIL's `convert('RGB')` as is.
 _PLAIN_CONVERT_MODES = frozenset({'1', 'L', 'P', 'CMYK', 'YCbCr', 'LAB', 'HSV', 'RGBX'})
@@ -167,12 +168,42 @@ def to_uint8_array(img: Image.Image) -> np.ndarray:
   return array
 
 
-def load_resized_array(path: str | os.PathLike, size: Sequence[int]) -> np.ndarray:
+def resize_bicubic_array(pixels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+  """torch's antialiased bicubic resize of an image tensor, quantised back to uint8.
+
+  BoQ evaluates with `ToTensor()` then `Resize(size, BICUBIC, antialias=True)` on the float
+  tensor (torch's `_upsample_bicubic2d_aa`); the same per-axis weights are applied here to the
+  uint8 pixels, and the result is rounded to uint8 (at most 0.5 / 255 from BoQ's float image).
+
+  Args:
+    pixels: uint8 [H0, W0, 3].
+    size: (height, width).
+
+  Returns:
+    uint8 [H, W, 3]; `pixels` itself when it already has that size.
+  """
+  height, width = _check_size(size)
+  if pixels.shape[:2] == (height, width):
+    return pixels
+  rows = torch_resize.bicubic_matrix(pixels.shape[0], height, antialias=True)
+  cols = torch_resize.bicubic_matrix(pixels.shape[1], width, antialias=True)
+  out = np.einsum('hi,ijc,wj->hwc', rows, pixels.astype(np.float32), cols, optimize=True)
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# Evaluation resize kinds (config data.eval_interpolation).
+EVAL_INTERPOLATIONS = ('bilinear', 'bicubic')
+
+
+def load_resized_array(path: str | os.PathLike, size: Sequence[int],
+                       interpolation: str = 'bilinear') -> np.ndarray:
   """`load_rgb` + `resize` + `to_uint8_array`: the evaluation transform before normalisation.
 
   Args:
     path: the image file.
     size: (height, width).
+    interpolation: 'bilinear' (torchvision's Resize on PIL images, the family's) or 'bicubic'
+      (torch's antialiased bicubic on tensors, BoQ's; see `resize_bicubic_array`).
 
   Returns:
     uint8 [H, W, 3].
@@ -180,4 +211,9 @@ def load_resized_array(path: str | os.PathLike, size: Sequence[int]) -> np.ndarr
   Raises:
     ImageDecodeError: the file cannot be decoded.
   """
+  if interpolation == 'bicubic':
+    return resize_bicubic_array(to_uint8_array(load_rgb(path)), size)
+  if interpolation != 'bilinear':
+    raise ValueError(f'Unknown interpolation {interpolation!r}; valid choices: '
+                     f'{", ".join(EVAL_INTERPOLATIONS)}.')
   return to_uint8_array(resize(load_rgb(path), size))

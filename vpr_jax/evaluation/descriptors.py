@@ -113,7 +113,8 @@ def replicate(variables, mesh: Mesh):
 
 def compute_descriptors(model, variables, root: str, paths: Sequence[str], image_size,
                         batch_size: int, num_workers: int = 0, mesh: Optional[Mesh] = None,
-                        progress: Optional[str] = None) -> np.ndarray:
+                        progress: Optional[str] = None, interpolation: str = 'bilinear'
+                        ) -> np.ndarray:
   """Descriptors of the images `root/paths[i]`, computed in eval mode.
 
   Batches have a fixed size (the last one padded, padding dropped by its mask) so the forward
@@ -130,6 +131,7 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
     mesh: evaluation mesh; default `eval_mesh(batch_size)`.
     progress: label of a progress bar (images embedded) on stderr, shown by process 0 only;
       None for none.
+    interpolation: the resize, 'bilinear' or 'bicubic' (config data.eval_interpolation).
 
   Returns:
     float32 [len(paths), D], row i for paths[i].
@@ -159,7 +161,8 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
     filled[rows] = True
 
   iterator = eval_pipeline.make_eval_iterator(root, list(paths), tuple(image_size), batch_size,
-                                              num_workers=num_workers)
+                                              num_workers=num_workers,
+                                              interpolation=interpolation)
   pending = None
   bar = tqdm.tqdm(total=num_images, desc=progress, unit='img', leave=False, dynamic_ncols=True,
                   file=sys.stderr, disable=progress is None or jax.process_index() != 0)
