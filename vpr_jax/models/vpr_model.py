@@ -210,10 +210,19 @@ class VPRModel(nn.Module):
     return {'features': features, 'descriptors': descriptors}
 
 
+def configured_eval_size(config: ml_collections.ConfigDict) -> Optional[tuple]:
+  """config.eval_image_size, or None when unset (None; `--config.eval_image_size=None` gives
+  (None,) on the command line)."""
+  size = config.get('eval_image_size', None)
+  if size is None or (isinstance(size, (tuple, list)) and all(s is None for s in size)):
+    return None
+  return tuple(size)
+
+
 def eval_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(H, W) of evaluation images: config.eval_image_size, or image_size when that is unset."""
-  size = config.get('eval_image_size', None)
-  return tuple(int(s) for s in (size if size else config.image_size))
+  size = configured_eval_size(config)
+  return tuple(int(s) for s in (size if size is not None else config.image_size))
 
 
 def _check_size(config, field: str, size) -> None:
@@ -229,11 +238,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Checks config.model, image_size and eval_image_size (ConfigError naming the field)."""
   check_backbone(config.model)
   _check_size(config, 'image_size', config.image_size)
-  if config.get('eval_image_size', None):
-    _check_size(config, 'eval_image_size', config.eval_image_size)
+  if configured_eval_size(config) is not None:
+    _check_size(config, 'eval_image_size', configured_eval_size(config))
     if (aggregator_name(config.model) == 'mixvpr'
         and eval_image_size(config) != tuple(config.image_size)):
-      raise ConfigError(f'eval_image_size={tuple(config.eval_image_size)!r} differs from '
+      raise ConfigError(f'eval_image_size={configured_eval_size(config)!r} differs from '
                         f'image_size={tuple(config.image_size)!r}, but MixVPR\'s weights fix its '
                         'input size; leave eval_image_size unset (None).')
   mc = config.model
