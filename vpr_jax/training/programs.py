@@ -67,8 +67,9 @@ def get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int,
   selected = {}
   for field in _PROGRAM_FIELDS:
     value = flat
+    # A field that an older config lacks (e.g. eval_image_size) counts as None.
     for part in field.split('.'):
-      value = value[part]
+      value = value.get(part) if isinstance(value, dict) else None
     selected[field] = value
   key = json.dumps({'fields': selected, 'steps_per_epoch': steps_per_epoch,
                     'devices': [d.id for d in (devices or jax.devices())]}, sort_keys=True)
