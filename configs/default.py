@@ -17,7 +17,8 @@ SEED_CITIES = (
 def get_model_config():
   """Model fields: backbone, aggregator and numerics."""
   model = ml_collections.ConfigDict()
-  # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101' (torchvision layout).
+  # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101' (torchvision layout), or a DINOv2 ViT:
+  # 'dinov2_vits14' | 'dinov2_vitb14' | 'dinov2_vitl14' | 'dinov2_vitg14' (torch hub layout).
   model.backbone = 'resnet18'
   # Stages removed from the end of the backbone: (4,) drops layer4, (3, 4) drops layer3 and layer4.
   model.layers_to_crop = (4,)
@@ -26,10 +27,24 @@ def get_model_config():
   # The seed keeps frozen BatchNorms in train mode (batch statistics, running stats updated).
   # True makes frozen stages use (and keep) their running statistics instead.
   model.freeze_bn_stats = False
-  # torchvision ImageNet state dict (e.g. resnet18-f37072fd.pth), relative to data.root or
-  # absolute; '' means random initialisation (a warning is printed). Never downloaded.
+  # torchvision ImageNet state dict (e.g. resnet18-f37072fd.pth), or for a ViT the torch hub
+  # DINOv2 state dict (e.g. dinov2_vitb14_pretrain.pth), relative to data.root or absolute; ''
+  # means random initialisation (a warning is printed). Never downloaded.
   model.backbone_weights = ''
-  # 'avg' | 'gem' | 'convap' | 'mixvpr'.
+  # DINOv2 only (the ResNet fields above are ignored). Blocks that train, counted from the end:
+  # the token embedding and the earlier blocks are frozen (SALAD: 4, BoQ: 2); -1 trains all.
+  model.num_trainable_blocks = 4
+  # Apply DINOv2's final LayerNorm to the tokens (SALAD: True; BoQ: False).
+  model.apply_final_norm = True
+  # Register tokens (the hub's dinov2_vit*14_reg models: 4); 0 for the plain models.
+  model.num_register_tokens = 0
+  # Smaller transformers for tests and demos: width, blocks, heads, side of the learned
+  # position-embedding grid; 0 keeps the hub model's (the released weights need 0).
+  model.vit_embed_dim = 0
+  model.vit_depth = 0
+  model.vit_num_heads = 0
+  model.vit_pretrained_grid = 0
+  # 'avg' | 'gem' | 'convap' | 'mixvpr' | 'salad' (DINOv2 only) | 'boq' | 'netvlad'.
   model.aggregator = 'mixvpr'
   # GeM: initial p (learnable) and clamp epsilon.
   model.gem_p = 3.0
@@ -45,6 +60,25 @@ def get_model_config():
   # MixVPR row_proj bias: True as mldl24-vpr (the seed); the original MixVPR repository (and its
   # released ResNet-50 checkpoints) has none. `vpr_jax.convert` sets it from the checkpoint.
   model.mixvpr_row_proj_bias = True
+  # SALAD: clusters m, cluster feature size l, global token size g (descriptor g + l * m), and
+  # the dropout of its per-token MLPs in training (the authors' 0.3).
+  model.salad_num_clusters = 64
+  model.salad_cluster_dim = 128
+  model.salad_token_dim = 256
+  model.salad_dropout = 0.3
+  # BoQ: input projection channels P (attention heads P // 64), learned queries per block, blocks,
+  # output rows (descriptor P * rows).
+  model.boq_proj_channels = 512
+  model.boq_num_queries = 64
+  model.boq_num_layers = 2
+  model.boq_row_dim = 32
+  # NetVLAD: clusters K (descriptor K * channels).
+  model.netvlad_num_clusters = 64
+  # NetVLAD start: 'random', or 'kmeans': before the first step, k-means of backbone features of
+  # netvlad_kmeans_images training images (100 locations each) sets the centroids and the
+  # assignment conv, as the family's NetVLAD initialisation does.
+  model.netvlad_init = 'random'
+  model.netvlad_kmeans_images = 500
   # Compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'.
   # Parameters stay float32; norms, pooling powers, LayerNorm and similarities run in float32.
   model.dtype = 'auto'
@@ -58,6 +92,13 @@ def get_config():
   config.seed = 0
   # Input height and width in pixels (images are resized to this, bilinear, on PIL images).
   config.image_size = (224, 224)
+  # Evaluation (validation and vpr_jax.eval) input size; None means image_size. SALAD and BoQ
+  # train at 224 and evaluate at 322 (ViTs: multiples of 14).
+  config.eval_image_size = ml_collections.FieldReference(None, field_type=tuple)
+  # Weights that initialise training (fine-tuning): a checkpoint folder written by
+  # vpr_jax.convert or a training workdir, holding variables of this model; '' for none. Loaded
+  # after model.backbone_weights (replacing them) and ignored when the workdir resumes.
+  config.init_from = ''
   config.model = get_model_config()
 
   data = config.data = ml_collections.ConfigDict()
@@ -107,6 +148,9 @@ def get_config():
   data.positive_radius_m = 25.0
   # Images per evaluation batch (the last batch is padded and masked).
   data.eval_batch_size = 256
+  # Evaluation resize: 'bilinear' (torchvision's Resize on PIL images, the family's and SALAD's)
+  # or 'bicubic' (torch's antialiased bicubic on the image tensor, as BoQ evaluates).
+  data.eval_interpolation = 'bilinear'
   # Synthetic data (demo and tests): when enabled, the training set and the validation sets are
   # generated under <data.root>/<synthetic.dir> on first use (deterministic from synthetic.seed).
   synth = data.synthetic = ml_collections.ConfigDict()
@@ -134,10 +178,13 @@ def get_config():
   optim.momentum = 0.9
   # lr * min(1, (step+1)/warmup_steps) over the first warmup_steps steps.
   optim.warmup_steps = 600
-  # 'multistep' (milestones in epochs, x gamma) | 'cosine' (to 0 at the end) | 'constant'.
+  # 'multistep' (milestones in epochs, x gamma) | 'cosine' (to 0 at the end) | 'constant' |
+  # 'linear' (torch's LinearLR: factor 1 -> linear_end_factor over linear_steps steps, 0 = all).
   optim.schedule = 'multistep'
   optim.milestones = (5, 10, 15, 25)
   optim.gamma = 0.3
+  optim.linear_end_factor = 0.2
+  optim.linear_steps = 0
 
   # Epochs over the training places.
   config.num_epochs = 30

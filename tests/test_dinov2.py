@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vpr_jax.conversion import transformer_mapping
+from vpr_jax.data import bicubic_weights
 from vpr_jax.models import dinov2
 from vpr_jax.models import torch_resize
 
@@ -42,8 +43,8 @@ def test_bicubic_matrix_matches_torch_interpolate(in_size, out_size, scale, anti
 
 def test_offset_scale_factor_is_not_a_plain_resize():
   # The reason for following torch exactly: the offset changes the sampling positions.
-  with_offset = torch_resize.bicubic_matrix(37, 16, 16.1 / 37)
-  plain = torch_resize.bicubic_matrix(37, 16)
+  with_offset = bicubic_weights.bicubic_matrix(37, 16, 16.1 / 37)
+  plain = bicubic_weights.bicubic_matrix(37, 16)
   assert np.abs(with_offset - plain).max() > 1e-2
 
 

@@ -61,6 +61,26 @@ def test_multistep_schedule_matches_torch():
   np.testing.assert_allclose(float(schedule(25 * 625)), 5e-4 * 0.3 ** 4, rtol=1e-6)
 
 
+def test_linear_schedule_matches_torch_linear_lr():
+  """SALAD's LinearLR(start_factor=1, end_factor=0.2, total_iters=N), stepped every step."""
+  torch = pytest.importorskip('torch', reason='torch is the reference for the schedule')
+  config = _config(schedule='linear', warmup_steps=0, linear_end_factor=0.2, linear_steps=10,
+                   learning_rate=6e-5)
+  schedule = optim.make_schedule(config.optim, steps_per_epoch=5, num_epochs=config.num_epochs)
+  param = torch.nn.Parameter(torch.zeros(1))
+  opt = torch.optim.AdamW([param], lr=6e-5)
+  scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.2,
+                                                total_iters=10)
+  want = []
+  for _ in range(15):
+    want.append(opt.param_groups[0]['lr'])
+    opt.step()
+    scheduler.step()
+  ours = np.array([schedule(step) for step in range(15)])
+  np.testing.assert_allclose(ours, want, rtol=1e-5)
+  assert ours[-1] == pytest.approx(6e-5 * 0.2, rel=1e-5)
+
+
 def test_cosine_and_constant_schedules():
   torch = pytest.importorskip('torch', reason='torch is the reference for the schedule')
   config = _config(warmup_steps=0, schedule='cosine')
@@ -136,7 +156,7 @@ def test_frozen_parameters_get_no_update_no_decay_no_state():
   assert state_sizes == 2 * 4
 
 
-@pytest.mark.parametrize('field,value', [('optimizer', 'lamb'), ('schedule', 'linear')])
+@pytest.mark.parametrize('field,value', [('optimizer', 'lamb'), ('schedule', 'poly')])
 def test_unknown_names_list_choices(field, value):
   config = _config(**{field: value})
   with pytest.raises(ValueError, match='valid choices'):

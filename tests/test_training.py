@@ -69,7 +69,7 @@ def _records(workdir):
 
 
 def test_unknown_names_fail_before_reading_data(tmp_path):
-  for section, field, value in [('model', 'aggregator', 'netvlad'),
+  for section, field, value in [('model', 'aggregator', 'cosplace'),
                                 ('loss', 'name', 'ArcFaceLoss'),
                                 ('optim', 'optimizer', 'lamb'),
                                 (None, 'parallel', 'gspmd'),

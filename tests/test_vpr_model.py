@@ -77,7 +77,7 @@ def test_unknown_names():
   with pytest.raises(ValueError, match='resnet18, resnet34, resnet50, resnet101'):
     vpr_model.build_model(config)
   config = default.get_config()
-  config.model.aggregator = 'netvlad'
+  config.model.aggregator = 'cosplace'
   with pytest.raises(ValueError, match='avg, gem, convap, mixvpr'):
     vpr_model.build_model(config)
   config = default.get_config()

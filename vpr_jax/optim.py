@@ -26,7 +26,7 @@ import optax
 from vpr_jax.errors import ConfigError
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
-SCHEDULES = ('multistep', 'cosine', 'constant')
+SCHEDULES = ('multistep', 'cosine', 'constant', 'linear')
 
 # torch.optim defaults.
 ADAM_BETAS = (0.9, 0.999)
@@ -86,6 +86,8 @@ def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
   milestones = tuple(int(m) for m in optim_config.milestones)
   gamma = float(optim_config.gamma)
   total_steps = max(1, int(num_epochs) * int(steps_per_epoch))
+  linear_steps = max(1, int(optim_config.get('linear_steps', 0) or total_steps))
+  linear_end_factor = float(optim_config.get('linear_end_factor', 1.0))
 
   def schedule(step):
     step = jnp.asarray(step, jnp.int32)
@@ -97,6 +99,10 @@ def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
       epoch = step // steps_per_epoch
       passed = sum((epoch >= m).astype(jnp.int32) for m in milestones) if milestones else 0
       decay = jnp.float32(gamma) ** jnp.asarray(passed, jnp.float32)
+    elif kind == 'linear':
+      # torch.optim.lr_scheduler.LinearLR(start_factor=1, end_factor, total_iters) (SALAD).
+      progress = jnp.minimum(step, linear_steps).astype(jnp.float32) / linear_steps
+      decay = 1.0 + (linear_end_factor - 1.0) * progress
     elif kind == 'cosine':
       progress = jnp.minimum(step, total_steps).astype(jnp.float32) / total_steps
       decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))

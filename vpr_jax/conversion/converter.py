@@ -20,6 +20,8 @@ from vpr_jax.checkpoints import orbax_states
 from vpr_jax.checkpoints import runs
 from vpr_jax.conversion import mapping
 from vpr_jax.conversion import torch_files
+from vpr_jax.conversion import transformer_mapping
+from vpr_jax.errors import CheckpointMismatchError
 from vpr_jax.errors import ConfigError
 from vpr_jax.errors import OutputPathError
 from vpr_jax.models import aggregators
@@ -39,6 +41,48 @@ def load_torchvision_backbone(path: str, model_config) -> dict[str, Any]:
   state_dict = torch_files.load_torch_state_dict(path)
   return mapping.torchvision_resnet_to_flax(state_dict, vpr_model.backbone_depth(model_config),
                                     tuple(model_config.layers_to_crop), source=os.fspath(path))
+
+
+# Released whole-model layouts of SALAD and BoQ (`transformer_mapping.CHECKPOINT_LAYOUTS`).
+RELEASED_LAYOUTS = ('salad', 'boq_dinov2', 'boq_resnet')
+KINDS = mapping.KINDS + RELEASED_LAYOUTS
+
+
+def detect_kind(state_dict: Mapping[str, Any]) -> str:
+  """The file's layout from its keys: a released SALAD / BoQ layout, 'family' or 'torchvision'.
+
+  `backbone.dino.*` is BoQ-DINOv2, `backbone.net.*` BoQ-ResNet, `backbone.model.blocks.*` (a hub
+  ViT) SALAD; other `backbone.model.*` files are the family's (ResNet backbones, NetVLAD too).
+  """
+  keys = list(torch_files.unwrap_state_dict(state_dict))
+  for layout in ('boq_dinov2', 'boq_resnet'):
+    prefix = transformer_mapping.CHECKPOINT_LAYOUTS[layout][0]
+    if any(k.startswith(prefix) for k in keys):
+      return layout
+  if any(k.startswith('backbone.model.blocks.') for k in keys):
+    return 'salad'
+  return mapping.detect_kind(state_dict)
+
+
+def released_checkpoint_to_flax(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict,
+                                layout: str, source: str = 'checkpoint') -> dict[str, Any]:
+  """Converts a released SALAD / BoQ file (or a family NetVLAD) into the config's variables.
+
+  Args:
+    state_dict: the file's state dict (a Lightning dict holding one under 'state_dict' and a
+      `module.` prefix are accepted).
+    config: the full config of the same model.
+    layout: a `transformer_mapping.CHECKPOINT_LAYOUTS` name.
+    source: the file's name in error messages.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} as float32 numpy arrays (batch_stats empty for a ViT).
+  """
+  state_dict = torch_files.unwrap_state_dict(state_dict)
+  model = vpr_model.build_model(config)
+  expected = jax.eval_shape(lambda: vpr_model.init_variables(model, jax.random.key(0)))
+  variables = transformer_mapping.checkpoint_to_flax(state_dict, expected, layout, source=source)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
 def _adapt_config_to_checkpoint(config: ml_collections.ConfigDict,
@@ -88,16 +132,17 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
     config: the full config of the model the weights belong to.
     torch_checkpoint: `.pth` / `.ckpt` path.
     out: output checkpoint directory (must not exist or be empty, unless `overwrite`).
-    kind: 'auto', 'torchvision' (backbone only: the aggregator is initialised from config.seed)
-      or 'family' (whole model).
+    kind: 'auto' (from the keys), 'torchvision' (backbone only: the aggregator is initialised from
+      config.seed), 'family' (whole model) or a released layout: 'salad' (`dino_salad.ckpt`),
+      'boq_dinov2' (`dinov2_12288.pth`), 'boq_resnet' (`resnet50_16384.pth`).
     overwrite: replace a non-empty `out` that holds a checkpoint written by this function (and
       nothing else: a folder with other files is refused).
 
   Returns:
     (the config saved with the checkpoint, the variables written).
   """
-  if kind not in mapping.KINDS:
-    raise ConfigError(f'Unknown kind {kind!r}; valid choices: {", ".join(mapping.KINDS)}.')
+  if kind not in KINDS:
+    raise ConfigError(f'Unknown kind {kind!r}; valid choices: {", ".join(KINDS)}.')
   if os.path.isdir(out) and os.listdir(out) and not overwrite:  # Fail before the slow part.
     raise OutputPathError(f'{out} already exists and is not empty; choose another output '
                           'directory or pass overwrite=True (CLI: --overwrite).')
@@ -111,9 +156,21 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
         'Choose another output directory.')
   state_dict = torch_files.load_torch_state_dict(torch_checkpoint)
   if kind == 'auto':
-    kind = mapping.detect_kind(state_dict)
+    kind = detect_kind(state_dict)
   source = os.fspath(torch_checkpoint)
-  if kind == 'family':
+  vit = vpr_model.is_vit(config.model)
+  if kind in RELEASED_LAYOUTS or (kind == 'family' and vpr_model.aggregator_name(config.model)
+                                  in vpr_model.NEW_AGGREGATORS):
+    if (transformer_mapping.CHECKPOINT_LAYOUTS[kind][1] == 'vit') != vit:
+      raise CheckpointMismatchError(
+          f'{source} has the {kind} layout (a {"ViT" if not vit else "ResNet"} backbone) but the '
+          f'config\'s model.backbone is {config.model.backbone!r}; pass the matching --config.')
+    variables = released_checkpoint_to_flax(state_dict, config, kind, source=source)
+  elif vit:
+    raise CheckpointMismatchError(
+        f'{source} holds a {kind} ResNet checkpoint but the config\'s model.backbone is '
+        f'{config.model.backbone!r}; pass the matching --config.')
+  elif kind == 'family':
     config = _adapt_config_to_checkpoint(config, state_dict)
     variables = mapping.family_checkpoint_to_flax(state_dict, config, source=source)
   else:

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from vpr_jax.data import bicubic_weights
 from vpr_jax.data import decode
 
 # JPEG quality of prepared (resized, re-encoded) images.
@@ -33,6 +34,8 @@ DEFAULT_QUALITY = 95
 # Chroma subsampling names -> PIL's `subsampling` values.
 SUBSAMPLING = {'4:4:4': 0, '4:2:2': 1, '4:2:0': 2}
 
+# Evaluation resize kinds (config data.eval_interpolation).
+EVAL_INTERPOLATIONS = ('bilinear', 'bicubic')
 # EXIF orientation tag and PIL's transposition for each value (as `ImageOps.exif_transpose`).
 _EXIF_ORIENTATION_TAG = 0x0112
 _ORIENTATION_TRANSPOSES = {
@@ -49,6 +52,9 @@ class DecodeOptions:
   """How image files are decoded before the resize.
 
   Attributes:
+    interpolation: the resize to the model's input size: 'bilinear' (torchvision's Resize on PIL
+      images, the family's) or 'bicubic' (torch's antialiased bicubic on tensors, BoQ's; see
+      `resize_bicubic_array`).
     exif_transpose: turn the pixels as the EXIF orientation tag says (the photo as a viewer shows
       it). False (benchmark evaluation) keeps the stored pixel order, as the references do.
     fast_decode: let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling) when the result
@@ -57,6 +63,12 @@ class DecodeOptions:
   """
   exif_transpose: bool = False
   fast_decode: bool = False
+  interpolation: str = 'bilinear'
+
+  def __post_init__(self):
+    if self.interpolation not in EVAL_INTERPOLATIONS:
+      raise ValueError(f'Unknown interpolation {self.interpolation!r}; valid choices: '
+                       f'{", ".join(EVAL_INTERPOLATIONS)}.')
 
 
 def exif_orientation(data: bytes) -> int:
@@ -174,7 +186,32 @@ def load_resized_array(path: str | os.PathLike, size: Sequence[int],
   options = options or DecodeOptions()
   pixels = read_upright(path, _check_size(size) if options.fast_decode else None,
                         options.exif_transpose)
+  if options.interpolation == 'bicubic':
+    return resize_bicubic_array(pixels, size)
   return resize_array(pixels, size)
+
+
+def resize_bicubic_array(pixels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+  """torch's antialiased bicubic resize of an image tensor, quantised back to uint8.
+
+  BoQ evaluates with `ToTensor()` then `Resize(size, BICUBIC, antialias=True)` on the float
+  tensor (torch's `_upsample_bicubic2d_aa`); the same per-axis weights are applied here to the
+  uint8 pixels, and the result is rounded to uint8 (at most 0.5 / 255 from BoQ's float image).
+
+  Args:
+    pixels: uint8 [H0, W0, 3].
+    size: (height, width).
+
+  Returns:
+    uint8 [H, W, 3]; `pixels` itself when it already has that size.
+  """
+  height, width = _check_size(size)
+  if pixels.shape[:2] == (height, width):
+    return pixels
+  rows = bicubic_weights.bicubic_matrix(pixels.shape[0], height, antialias=True)
+  cols = bicubic_weights.bicubic_matrix(pixels.shape[1], width, antialias=True)
+  out = np.einsum('hi,ijc,wj->hwc', rows, pixels.astype(np.float32), cols, optimize=True)
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def resized_array_from_pixels(pixels: np.ndarray, size: Sequence[int]) -> np.ndarray:

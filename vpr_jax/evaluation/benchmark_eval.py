@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 import numpy as np
 from tqdm import auto as tqdm
 
+from vpr_jax.data import images
 from vpr_jax.evaluation import descriptors
 from vpr_jax.evaluation import search
 
@@ -65,7 +66,8 @@ class EvalResult:
 
 def evaluate_dataset(model, variables, benchmark, image_size, batch_size: int,
                      num_workers: int = 0, ns: Iterable[int] = search.RECALL_NS,
-                     mesh: Optional[Mesh] = None, progress: bool = True) -> EvalResult:
+                     mesh: Optional[Mesh] = None, progress: bool = True,
+                     interpolation: str = 'bilinear') -> EvalResult:
   """Descriptors, search and Recall@N of one benchmark set.
 
   Every process computes all descriptors on its own local devices (a multi-host run gets the same
@@ -82,6 +84,7 @@ def evaluate_dataset(model, variables, benchmark, image_size, batch_size: int,
     ns: the N of Recall@N.
     mesh: evaluation mesh; default `eval_mesh(batch_size)`.
     progress: show a progress bar of the images embedded (process 0, stderr).
+    interpolation: the resize, 'bilinear' or 'bicubic' (config data.eval_interpolation).
 
   Returns:
     An `EvalResult`.
@@ -102,7 +105,7 @@ def evaluate_dataset(model, variables, benchmark, image_size, batch_size: int,
   all_descriptors = descriptors.compute_descriptors(
       model, variables, benchmark.root, list(benchmark.database_paths) +
       list(benchmark.queries_paths), image_size, batch_size, num_workers, mesh=mesh,
-      progress=bar.update)
+      decode_options=images.DecodeOptions(interpolation=interpolation), progress=bar.update)
   bar.close()
   database, queries = all_descriptors[:num_database], all_descriptors[num_database:]
   seconds['embed'] = time.perf_counter() - start
@@ -133,7 +136,8 @@ class Evaluator:
   """
 
   def __init__(self, model, benchmarks: Sequence[Any], image_size: Sequence[int],
-               batch_size: int, num_workers: int = 0, ns: Iterable[int] = search.RECALL_NS):
+               batch_size: int, num_workers: int = 0, ns: Iterable[int] = search.RECALL_NS,
+               interpolation: str = 'bilinear'):
     """Binds the model and the sets.
 
     Args:
@@ -143,8 +147,10 @@ class Evaluator:
       batch_size: images per forward batch.
       num_workers: decoding worker processes.
       ns: the N of Recall@N.
+      interpolation: the resize, 'bilinear' or 'bicubic' (config data.eval_interpolation).
     """
     self.model = model
+    self.interpolation = interpolation
     self.benchmarks = list(benchmarks)
     self.image_size = tuple(int(s) for s in image_size)
     self.batch_size = int(batch_size)
@@ -166,5 +172,6 @@ class Evaluator:
       {set name: EvalResult}, in the order of the sets.
     """
     return {bench.name: evaluate_dataset(self.model, variables, bench, self.image_size,
-                                         self.batch_size, self.num_workers, self.ns)
+                                         self.batch_size, self.num_workers, self.ns,
+                                         interpolation=self.interpolation)
             for bench in self.benchmarks}

@@ -97,9 +97,10 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
   batch_size = int(batch_size if batch_size is not None else config.data.eval_batch_size)
   num_workers = workers.resolve_num_workers(
       config.data.num_workers if num_workers is None else num_workers)
-  image_size = tuple(int(s) for s in config.image_size)
+  image_size = vpr_model.eval_image_size(config)
+  interpolation = str(config.data.get('eval_interpolation', 'bilinear'))
   radius = float(config.data.positive_radius_m)
-  model = vpr_model.build_model(config)
+  model = vpr_model.build_model(config, image_size=image_size)
   if config is not checkpoint_config:
     # A config of another architecture would otherwise fail deep inside the forward pass.
     expected = jax.eval_shape(
@@ -117,7 +118,8 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
   results = []
   for name in datasets:
     benchmark = benchmarks.load_benchmark(name, root, radius_m=radius)
-    result = benchmark_eval.evaluate_dataset(model, variables, benchmark, image_size, batch_size, num_workers)
+    result = benchmark_eval.evaluate_dataset(model, variables, benchmark, image_size, batch_size,
+                                             num_workers, interpolation=interpolation)
     print_fn(outputs.format_recall_table(result.dataset, result.recall))
     notes = []
     if result.queries_without_positives:

@@ -41,7 +41,7 @@ _MAX_PROGRAMS = 4
 
 
 # Config fields that shape the compiled programs.
-_PROGRAM_FIELDS = ('model', 'image_size', 'loss', 'optim', 'num_epochs', 'parallel',
+_PROGRAM_FIELDS = ('model', 'image_size', 'eval_image_size', 'loss', 'optim', 'num_epochs', 'parallel',
                    'data.augment', 'data.randaugment_num_ops', 'data.randaugment_magnitude',
                    'data.randaugment_num_magnitude_bins')
 
@@ -67,8 +67,9 @@ def get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int,
   selected = {}
   for field in _PROGRAM_FIELDS:
     value = flat
+    # A field that an older config lacks (e.g. eval_image_size) counts as None.
     for part in field.split('.'):
-      value = value[part]
+      value = value.get(part) if isinstance(value, dict) else None
     selected[field] = value
   key = json.dumps({'fields': selected, 'steps_per_epoch': steps_per_epoch,
                     'devices': [d.id for d in (devices or jax.devices())]}, sort_keys=True)
@@ -80,7 +81,7 @@ def get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int,
   image_size = tuple(int(s) for s in config.image_size)
   init = jax.jit(lambda rng: vpr_model.init_variables(model, rng, image_size))
   abstract_params = jax.eval_shape(init, jax.random.PRNGKey(0))['params']
-  frozen_mask = vpr_model.frozen_param_mask(abstract_params, int(config.model.layers_to_freeze))
+  frozen_mask = vpr_model.model_frozen_param_mask(abstract_params, config.model)
   tx, schedule = optim.make_optimizer(config, steps_per_epoch, frozen_mask)
   loss_fn = losses.make_loss(config.loss.name, config.loss.params, config.loss.miner_name,
                              config.loss.miner_params)
@@ -89,7 +90,8 @@ def get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int,
   train_step = dp.compile_step(functools.partial(
       step.train_step, model=model, loss_fn=loss_fn, schedule=schedule, axis_name=dp.axis_name,
       augment_fn=augment_fn))
-  programs = Programs(dp=dp, model=model, eval_model=vpr_model.build_model(config), tx=tx,
+  programs = Programs(dp=dp, model=model, eval_model=vpr_model.build_model(
+                           config, image_size=vpr_model.eval_image_size(config)), tx=tx,
                        schedule=schedule, init=init, train_step=train_step)
   while len(_PROGRAMS) >= _MAX_PROGRAMS:
     _PROGRAMS.pop(next(iter(_PROGRAMS)))

@@ -31,6 +31,7 @@ from vpr_jax.conversion import mapping
 from vpr_jax.data import augment
 from vpr_jax.data import benchmarks
 from vpr_jax.data import gsv_cities
+from vpr_jax.data import images
 from vpr_jax.data import roots
 from vpr_jax.data import synthetic
 from vpr_jax.data import tfds_builders
@@ -40,6 +41,7 @@ from vpr_jax.errors import ConfigError
 from vpr_jax.errors import DatasetError
 from vpr_jax.evaluation import benchmark_eval
 from vpr_jax.models import vpr_model
+from vpr_jax.training import init_weights
 from vpr_jax.training import programs as programs_lib
 from vpr_jax.training import state as state_lib
 
@@ -65,6 +67,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   augment.check_config(config.data)
   gsv_cities.check_config(config.data)
   train_pipeline.decode_settings(config)
+  init_weights.check_config(config)
+  if config.data.eval_interpolation not in images.EVAL_INTERPOLATIONS:
+    raise ConfigError(f'Unknown data.eval_interpolation {config.data.eval_interpolation!r}; '
+                      f'valid choices: {", ".join(images.EVAL_INTERPOLATIONS)}.')
   if config.on_nonfinite not in ON_NONFINITE:
     raise ConfigError(f'Unknown on_nonfinite {config.on_nonfinite!r}; valid choices: '
                       f'{", ".join(ON_NONFINITE)}.')
@@ -139,6 +145,9 @@ def load_backbone_weights(config: ml_collections.ConfigDict, variables, data_roo
                     'initialisation, not ImageNet weights.')
     return variables
   path = backbone_weights_path(config, data_root)
+  if vpr_model.is_vit(config.model):
+    logging.info('Loaded DINOv2 backbone weights from %s', path)
+    return init_weights.load_vit_backbone(path, variables)
   backbone = converter.load_torchvision_backbone(path, config.model)
   logging.info('Loaded ImageNet backbone weights from %s', path)
   return mapping.with_backbone(jax.device_get(variables), backbone)
@@ -281,14 +290,18 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   programs = programs_lib.get_programs(config, steps_per_epoch)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   variables = load_backbone_weights(config, programs.init(init_rng), data_root)
+  if config.init_from:
+    variables = init_weights.load_init_from(config, variables)
   host_state = jax.device_get(state_lib.create_train_state(
       config, programs.model, init_rng, tx=programs.tx, variables=variables))
   train_iter = train_pipeline.make_train_iterator(
       index, config, seed=int(config.seed), process_index=process_index,
       process_count=process_count, prepared=prepared_source)
   evaluator = benchmark_eval.Evaluator(
-      programs.eval_model, val_sets, config.image_size, int(config.data.eval_batch_size),
-      num_workers=workers.resolve_num_workers(config.data.num_workers))
+      programs.eval_model, val_sets, vpr_model.eval_image_size(config),
+      int(config.data.eval_batch_size),
+      num_workers=workers.resolve_num_workers(config.data.num_workers),
+      interpolation=str(config.data.eval_interpolation))
 
   # Every input has been read and checked: a run that fails before here leaves no workdir behind.
   os.makedirs(workdir, exist_ok=True)
@@ -302,6 +315,11 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   restored_step = checkpointer.latest_step()
   if restored_step is not None:
     host_state = _restore(run, host_state, restored_step, process_index, process_count)
+  elif config.model.netvlad_init == 'kmeans':
+    kmeans = init_weights.kmeans_netvlad(
+        config, {'params': host_state.params, 'batch_stats': host_state.batch_stats}, index,
+        prepared_source)
+    host_state = host_state.replace(params=kmeans['params'])
   run.state = programs.dp.replicate(host_state)
   run.iterator_state = train_iter.get_state()
   return run
@@ -335,8 +353,8 @@ def describe(run: Run) -> list[str]:
                               jax.process_count()),
       run.sizes.describe(),
       vpr_model.format_parameter_table(
-          vpr_model.count_parameters(run.host_state().params,
-                                     int(config.model.layers_to_freeze)), config.model),
+          vpr_model.count_parameters(run.host_state().params, model_config=config.model),
+          config.model),
       f'{run.steps_per_epoch} steps per epoch, {run.num_steps} steps in {config.num_epochs} '
       f'epochs; this run stops at step {run.last_step}. parallel={config.parallel} over '
       f'{run.programs.dp.num_devices} devices, compute dtype '

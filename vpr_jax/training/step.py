@@ -14,6 +14,9 @@ import optax
 from vpr_jax import parallel
 from vpr_jax.training.state import TrainState
 
+# fold_in constant separating the dropout keys from the augmentation keys of the same step.
+DROPOUT_STREAM = 0x64726f70
+
 def all_finite(tree) -> jax.Array:
   """True when every leaf of `tree` is finite (a scalar bool array)."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
@@ -44,8 +47,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     images = augment_fn(images, jax.random.fold_in(rng, state.step), axis_name)
 
   def loss_of(params):
+    # The dropout key (SALAD) differs per step and per device; models without dropout ignore it.
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), DROPOUT_STREAM)
+    if axis_name is not None:
+      dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
     outputs, mutated = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
-                                   train=True, mutable=['batch_stats'])
+                                   train=True, mutable=['batch_stats'],
+                                   rngs={'dropout': dropout_rng})
     # The miner and the loss see the whole global batch, as on one device.
     descriptors = parallel.gather_global_batch(outputs['descriptors'], axis_name)
     all_labels = parallel.gather_global_batch(labels, axis_name)
