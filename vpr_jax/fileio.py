@@ -76,6 +76,17 @@ def safe_file_name(name: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_') or 'dataset'
 
 
+def _check_creatable(path: str, what: str) -> None:
+  """The nearest existing folder above `path` is a folder and writable (else OutputPathError)."""
+  existing = os.path.dirname(path)
+  while existing and not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if existing and not os.path.isdir(existing):
+    raise OutputPathError(f'{what} {path!r}: {existing!r} is a file, not a folder.')
+  if not os.access(existing or '.', os.W_OK | os.X_OK):
+    raise OutputPathError(f'{what} {path!r}: folder {existing!r} is not writable.')
+
+
 def check_output_folder(path: PathLike, what: str = 'output folder') -> str:
   """Checks, before any work, that a folder can be created (or written) at `path`.
 
@@ -93,13 +104,7 @@ def check_output_folder(path: PathLike, what: str = 'output folder') -> str:
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.exists(path) and not os.path.isdir(path):
     raise OutputPathError(f'{what} {path!r} is a file; expected a folder.')
-  existing = os.path.dirname(path)
-  while existing and not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if existing and not os.path.isdir(existing):
-    raise OutputPathError(f'{what} {path!r}: {existing!r} is a file, not a folder.')
-  if not os.access(existing or '.', os.W_OK | os.X_OK):
-    raise OutputPathError(f'{what} {path!r}: folder {existing!r} is not writable.')
+  _check_creatable(path, what)
   return path
 
 
@@ -119,14 +124,7 @@ def check_output_path(path: PathLike, what: str = 'output') -> str:
   path = os.path.abspath(os.fspath(path))
   if os.path.isdir(path):
     raise OutputPathError(f'{what} {path!r} is a folder; expected a file path.')
-  folder = os.path.dirname(path)
-  existing = folder
-  while existing and not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if existing and not os.path.isdir(existing):
-    raise OutputPathError(f'{what} {path!r}: {existing!r} is a file, not a folder.')
-  if not os.access(existing or '.', os.W_OK | os.X_OK):
-    raise OutputPathError(f'{what} {path!r}: folder {existing!r} is not writable.')
+  _check_creatable(path, what)
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise OutputPathError(f'{what} {path!r} exists and is not writable.')
   return path

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from vpr_jax.models import aggregators
+from vpr_jax.models import freezing
 from vpr_jax.models import torch_resize
 
 # (embed_dim, depth, num_heads, ffn kind) of the hub's dinov2_vit*14 models.
@@ -327,14 +328,4 @@ def frozen_param_mask(params: Any, num_trainable_blocks: int, depth: int) -> Any
   if n >= 0:
     frozen.update(EMBEDDING_PARAMS)
     frozen.update(block_name(i) for i in range(depth - n))
-  has_backbone = 'backbone' in params
-
-  def is_frozen(path):
-    keys = [getattr(k, 'key', getattr(k, 'name', k)) for k in path]
-    if has_backbone:
-      if not keys or keys[0] != 'backbone':
-        return False
-      keys = keys[1:]
-    return bool(keys) and keys[0] in frozen
-
-  return jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(path), params)
+  return freezing.frozen_mask(params, frozen)

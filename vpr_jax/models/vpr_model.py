@@ -18,6 +18,7 @@ import numpy as np
 
 from vpr_jax.errors import ConfigError
 from vpr_jax.models import aggregators
+from vpr_jax.models import freezing
 from vpr_jax.models import boq
 from vpr_jax.models import dinov2
 from vpr_jax.models import netvlad
@@ -321,17 +322,7 @@ def frozen_param_mask(params: Any, layers_to_freeze: int) -> Any:
   frozen_names = set()
   for stage in range(int(layers_to_freeze) + 1):
     frozen_names.update(resnet.FREEZABLE_STAGES[stage])
-  has_backbone = 'backbone' in params
-
-  def is_frozen(path):
-    keys = [getattr(k, 'key', getattr(k, 'name', k)) for k in path]
-    if has_backbone:
-      if not keys or keys[0] != 'backbone':
-        return False
-      keys = keys[1:]
-    return bool(keys) and keys[0] in frozen_names
-
-  return jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(path), params)
+  return freezing.frozen_mask(params, frozen_names)
 
 
 def model_frozen_param_mask(params: Any, model_config) -> Any:
