@@ -146,8 +146,9 @@ def test_released_file_converts_and_evaluates_as_the_pytorch_model(layout, synth
   interpolation = config.data.eval_interpolation
   bench = benchmarks.load_benchmark('synthetic_val', str(synthetic_root))
   paths = list(bench.database_paths) + list(bench.queries_paths)
-  pixels = np.stack([images_lib.load_resized_array(os.path.join(bench.root, p), size,
-                                                   interpolation) for p in paths])
+  options = images_lib.DecodeOptions(interpolation=interpolation)
+  pixels = np.stack([images_lib.load_resized_array(os.path.join(bench.root, p), size, options)
+                     for p in paths])
   want = _torch_descriptors(torch_model, pixels)
   got = np.concatenate([results[0].database_descriptors, results[0].query_descriptors])
   assert got.shape == want.shape == (len(paths), vpr_model.model_descriptor_dim(config.model,
