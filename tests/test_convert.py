@@ -221,13 +221,9 @@ def test_nothing_written_on_failure(tmp_path):
   assert os.listdir(tmp_path) == ['broken.ckpt']
 
 
-def test_cli_torchvision_backbone(tmp_path):
-  """`python -m vpr_jax.convert` with an ImageNet-style torchvision file, loaded back for eval."""
-  torch = pytest.importorskip('torch', reason='torch is the reference implementation')
-  net = randomised_torchvision_resnet('resnet18', seed=7)
-  weights = tmp_path / 'resnet18-test.pth'
-  torch.save(net.state_dict(), weights)
-  config_file = tmp_path / 'config.py'
+def gem_config_file(folder) -> str:
+  """A config file of the seed's ResNet-18 with GeM at 64x64, float32 (for the CLI tests)."""
+  config_file = folder / 'config.py'
   config_file.write_text(
       'from vpr_jax.configs import default\n\n\n'
       'def get_config():\n'
@@ -236,6 +232,16 @@ def test_cli_torchvision_backbone(tmp_path):
       "  config.model.aggregator = 'gem'\n"
       "  config.model.dtype = 'float32'\n"
       '  return config\n')
+  return config_file
+
+
+def test_cli_torchvision_backbone(tmp_path):
+  """`python -m vpr_jax.convert` with an ImageNet-style torchvision file, loaded back for eval."""
+  torch = pytest.importorskip('torch', reason='torch is the reference implementation')
+  net = randomised_torchvision_resnet('resnet18', seed=7)
+  weights = tmp_path / 'resnet18-test.pth'
+  torch.save(net.state_dict(), weights)
+  config_file = gem_config_file(tmp_path)
   out = tmp_path / 'checkpoint'
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
   env.pop('XLA_FLAGS', None)

@@ -4,34 +4,19 @@ import jax
 import numpy as np
 import pytest
 
+from tests import test_training
 from vpr_jax import errors
 from vpr_jax.checkpoints import orbax_states
-from vpr_jax.configs import default
 from vpr_jax.models import vpr_model
 from vpr_jax.training import setup
 
 
 def run_config(synthetic_root, cache_dir, aggregator='netvlad'):
-  """ResNet-18 cut after layer2 (128 channels), 32x32, on the synthetic places, float32."""
-  config = default.get_config()
-  config.image_size = (32, 32)
-  config.model.layers_to_crop = (3, 4)
-  config.model.layers_to_freeze = 0
-  config.model.dtype = 'float32'
+  """test_training's tiny run (ResNet-18 cut after layer2, 32x32, P=8 K=2) with `aggregator`."""
+  config = test_training.run_config(synthetic_root, cache_dir)
   config.model.aggregator = aggregator
   config.model.netvlad_num_clusters = 4
   config.model.netvlad_kmeans_images = 16
-  config.model.mixvpr_out_channels = 16
-  config.model.mixvpr_mix_depth = 1
-  config.model.mixvpr_out_rows = 2
-  config.data.root = str(synthetic_root)
-  config.data.train_dir = 'gsv_cities'
-  config.data.cities = ('SynthA', 'SynthB')
-  config.data.val_datasets = ('synthetic_val',)
-  config.data.cache_dir = str(cache_dir)
-  config.data.num_workers = 0
-  config.data.places_per_batch = 8
-  config.data.images_per_place = 2
   config.num_epochs = 1
   return config
 

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import default
+from tests import test_eval_cli
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.evaluation import descriptors
 from vpr_jax.evaluation import evaluate
@@ -30,13 +30,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def tiny_config():
-  config = default.get_config()
-  config.image_size = (32, 32)
-  config.model.dtype = 'float32'
-  config.model.mixvpr_out_channels = 16
-  config.model.mixvpr_mix_depth = 1
+  config = test_eval_cli.tiny_config()
   config.data.eval_batch_size = BATCH
-  config.data.num_workers = 0
   return config
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.test_convert import family_torch_model
+from tests.test_convert import gem_config_file
 from tests.test_resnet import randomised_torchvision_resnet
 from tests.test_vpr_model import small_config
 from vpr_jax.checkpoints import orbax_states
@@ -427,15 +428,7 @@ def test_convert_cli_runs_without_torch(tmp_path):
   net = randomised_torchvision_resnet('resnet18', seed=9)
   weights = tmp_path / 'resnet18-test.pth'
   torch.save(net.state_dict(), weights)
-  config_file = tmp_path / 'config.py'
-  config_file.write_text(
-      'from configs import default\n\n\n'
-      'def get_config():\n'
-      '  config = default.get_config()\n'
-      '  config.image_size = (64, 64)\n'
-      "  config.model.aggregator = 'gem'\n"
-      "  config.model.dtype = 'float32'\n"
-      '  return config\n')
+  config_file = gem_config_file(tmp_path)
   out = tmp_path / 'checkpoint'
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
   env.pop('XLA_FLAGS', None)
