@@ -106,15 +106,20 @@ def _remove_unfinished_saves(manager_dir: str, attempts: int = 20) -> None:
   """Deletes the temporary folders of saves that never completed (crash, failed write).
 
   After a failed save, writer threads of the step's other items can still create files for a
-  moment, so a folder removed once may come back: it is removed again until none is left (or
-  `attempts` tries, 0.1 s apart, have been made).
+  moment, so a folder removed once may come back: it is removed again until none has come back
+  for 0.1 s after a removal (or `attempts` tries, 0.1 s apart, have been made).
   """
-  for attempt in range(attempts):
+  removed = False
+  for _ in range(attempts):
     leftovers = _unfinished_saves(manager_dir)
-    if not leftovers:
+    if not leftovers and not removed:
       return
-    if attempt:
-      time.sleep(0.1)
+    if removed:
+      time.sleep(0.1)  # let a late writer recreate what it still holds
+      leftovers = _unfinished_saves(manager_dir)
+      if not leftovers:
+        return
+    removed = True
     for path in leftovers:
       logging.info('Removing unfinished checkpoint %s', path)
       shutil.rmtree(path, ignore_errors=True)
