@@ -141,6 +141,10 @@ def get_config():
   data.num_workers = -1
   # Batches grain prepares ahead per worker.
   data.prefetch_buffer_size = 2
+  # Workers decode into shared-memory batch buffers created once and reused (True), instead of
+  # grain sending each batch through a new shared-memory segment (False: ~7 ms more CPU per
+  # 8x4x224x224 batch). Reserves (prefetch_buffer_size + 3) batches of /dev/shm per worker.
+  data.reuse_batch_memory = True
   # Skip undecodable training images, but stop when more than this fraction of reads failed.
   data.max_bad_image_fraction = 0.01
   # Validation datasets (registered names or folders) and the positive radius in metres.

@@ -67,6 +67,8 @@ def _workers(text):
 
 
 SOURCES = ('original', 'prepared')
+# Benchmark batch-memory name -> config.data.reuse_batch_memory (how worker batches travel).
+BATCH_MEMORY = {'reuse': True, 'new': False}
 # Benchmark decoder name -> config.data.decode.
 DECODERS = {'pil': 'pil', 'turbo': 'exact', 'turbo_dct': 'dct_scaled'}
 
@@ -112,6 +114,10 @@ def parse_args(argv=None):
                       'built at --image-size)')
   parser.add_argument('--decoders', type=_choices(DECODERS), default=['turbo'],
                       help=f'comma-separated subset of {list(DECODERS)}')
+  parser.add_argument('--batch-memory', type=_choices(BATCH_MEMORY), default=['reuse'],
+                      help='comma-separated: reuse (workers decode into reused shared-memory '
+                      'batch slots) and/or new (grain sends each batch through a new segment, '
+                      'the transport before batch slots); only matters with workers')
   parser.add_argument('--prepared-quality', type=int, default=images.DEFAULT_QUALITY,
                       help='JPEG quality of the prepared records')
   parser.add_argument('--repeats', type=int, default=1,
@@ -258,7 +264,9 @@ def run(args, train_dir, work_dir=None):
       encoded[name] = [source[i] for i in range(raw_count)]
 
   # Decoders innermost: the runs compared with each other follow one another in every round.
-  combos = [(s, d, w) for s in args.source for w in args.workers for d in args.decoders]
+  # The batch memory only matters with workers.
+  combos = [(s, d, w, m) for s in args.source for w in args.workers
+            for m in (args.batch_memory if w else args.batch_memory[:1]) for d in args.decoders]
   timed = {c: [] for c in combos}
   raw = {(s, d): [] for s in args.source for d in args.decoders}
   for round_number in range(args.repeats):
@@ -266,14 +274,17 @@ def run(args, train_dir, work_dir=None):
       raw[(name, decoder)].append(
           time_raw_decode(encoded[name], args.image_size, DECODERS[decoder]))
     for combo in combos:
-      name, decoder, workers = combo
+      name, decoder, workers, memory = combo
       data.decode = DECODERS[decoder]
+      data.reuse_batch_memory = BATCH_MEMORY[memory]
       result = time_pipeline(*sources[name][:1], config, workers, args.num_batches,
                              args.warmup_batches, args.seed, sources[name][1])
-      result.update(source=name, decoder=decoder)
+      result.update(source=name, decoder=decoder,
+                    batch_memory=memory if result['workers'] else None)
       timed[combo].append(result)
       print(f'round {round_number + 1}/{args.repeats} {name:>8} {decoder:>9} '
-            f'workers {result["workers"]:>3}: {result["images_per_second"]:10.1f} img/s, '
+            f'workers {result["workers"]:>3} {memory if workers else "":>5}: '
+            f'{result["images_per_second"]:10.1f} img/s, '
             f'{result["images_per_cpu_second"] or 0:10.1f} img/CPU-s '
             f'(start-up {result["startup_seconds"]:.1f} s)', flush=True)
 
@@ -307,7 +318,7 @@ def run(args, train_dir, work_dir=None):
           record['images_per_cpu_sec'] / raw_rate[combo[:2]]['images_per_cpu_sec'], 3)
     if 'pil' in args.decoders:
       # Ratios within a round compare runs made seconds apart, under the same load.
-      baseline = timed[(combo[0], 'pil', combo[2])]
+      baseline = timed[(combo[0], 'pil', *combo[2:])]
       ratios = [r['images_per_second'] / b['images_per_second']
                 for r, b in zip(timed[combo], baseline)]
       record['speedup_vs_pil'] = round(statistics.median(ratios), 3)
@@ -316,6 +327,15 @@ def run(args, train_dir, work_dir=None):
         record['cpu_speedup_vs_pil'] = round(statistics.median(
             [r['images_per_cpu_second'] / b['images_per_cpu_second']
              for r, b in zip(timed[combo], baseline)]), 3)
+      before = (combo[0], 'pil', combo[2], 'new')
+      if combo[2] and before in timed:
+        # Against the path before batch slots and libjpeg-turbo: Pillow, a new segment per batch.
+        record['speedup_vs_pil_new_memory'] = round(statistics.median(
+            [r['images_per_second'] / b['images_per_second']
+             for r, b in zip(timed[combo], timed[before])]), 3)
+        record['cpu_speedup_vs_pil_new_memory'] = round(statistics.median(
+            [r['images_per_cpu_second'] / b['images_per_cpu_second']
+             for r, b in zip(timed[combo], timed[before])]), 3)
     results.append(record)
   return {
       'train_dir': train_dir,
@@ -341,15 +361,17 @@ def run(args, train_dir, work_dir=None):
 
 
 def format_table(report):
-  lines = [f'{"source":>8} | {"decoder":>9} | {"workers":>7} | {"img/s":>8} | {"vs pil":>6} | '
+  lines = [f'{"source":>8} | {"decoder":>9} | {"workers":>7} | {"batches":>7} | {"img/s":>8} | '
+           f'{"vs pil":>6} | '
            f'{"img/CPU-s":>9} | {"vs pil":>6} | {"raw img/CPU-s":>13} | {"CPU effic.":>10} | '
-           f'{"start-up s":>10}', '-' * 115]
+           f'{"start-up s":>10}', '-' * 125]
   raw = {(r['source'], r['decoder']): r for r in report['raw_decode']}
   for r in report['results']:
     def cell(key, width, digits):
       value = r.get(key)
       return f'{value:>{width}.{digits}f}' if value is not None else ' ' * width
     lines.append(f'{r["source"]:>8} | {r["decoder"]:>9} | {r["workers"]:>7} | '
+                 f'{r.get("batch_memory") or "":>7} | '
                  f'{cell("images_per_second", 8, 1)} | {cell("speedup_vs_pil", 6, 2)} | '
                  f'{cell("images_per_cpu_sec", 9, 1)} | {cell("cpu_speedup_vs_pil", 6, 2)} | '
                  f'{raw[(r["source"], r["decoder"])]["images_per_cpu_sec"]:>13.1f} | '

@@ -16,7 +16,9 @@
 #                       (seed recipe, original vs prepared JPEGs, 16 workers)
 #   bench_eval.json     bench_eval: descriptor extraction vs PyTorch, FAISS search, memory
 #   pipeline.json       bench_pipeline: the original-JPEG pipeline by worker count
-#   summary.md          the issue's targets, measured value and verdict for each
+#   pipeline_prepared.json  bench_pipeline: prepared records, Pillow vs libjpeg-turbo, reused
+#                       batch slots vs a new shared-memory segment per batch
+#   summary.md          the performance targets, measured value and verdict for each
 #   gpu_check.log       everything printed
 # Each step has a time limit taken from what is left of GPU_CHECK_BUDGET_S (default 540 s); a
 # step that fails or runs out of time is reported and the next one runs.
@@ -35,9 +37,16 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 # Packages the GPU image (Python 3.12, JAX, torch) lacks; versions as in the project's venv.
+# The second line is what importing tensorflow_datasets and tensorboardX needs beyond a
+# JAX + torch image (the modules `import vpr_jax.training` and the bench scripts load, listed in
+# the project's venv).
 WHEELS=(grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml-collections==1.1.0
         faiss-cpu==1.15.1 pytorch-metric-learning==2.9.0 importlib-resources==6.5.2
-        simplejpeg==1.9.0)
+        simplejpeg==1.9.0 prometheus-client==0.26.0
+        tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 immutabledict==4.3.1
+        toml==0.10.2 wrapt==2.5.2 attrs==26.1.0 six==1.17.0 tensorboardX==2.6.5)
+# Published as a source archive only: built into a (pure-Python) wheel.
+SDIST_WHEELS=(promise==2.3)
 
 if [[ $mode == wheels ]]; then
   mkdir -p .whl
@@ -45,6 +54,7 @@ if [[ $mode == wheels ]]; then
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
+  python3 -m pip wheel --no-deps -w .whl "${SDIST_WHEELS[@]}"
   ls -la .whl
   exit 0
 fi
@@ -171,8 +181,13 @@ run eval 60 "$py" scripts/bench_eval.py "${eval_args[@]}" --output "$OUT/bench_e
 # 4. The original-JPEG pipeline with CPU RandAugment (the seed's path), by worker count.
 run pipeline 30 "$py" scripts/bench_pipeline.py "${pipeline_args[@]}" \
   --output "$OUT/pipeline.json"
+# 5. Prepared records, no CPU augmentation: Pillow vs libjpeg-turbo, reused batch slots vs a new
+#    segment per batch (the host's input capacity for device RandAugment).
+run prepared_pipeline 40 "$py" scripts/bench_pipeline.py "${pipeline_args[@]}" \
+  --source prepared --decoders pil,turbo --batch-memory reuse,new --augment none \
+  --output "$OUT/pipeline_prepared.json"
 
-# The issue's targets, from the JSON files.
+# The performance targets, from the JSON files.
 "$py" - "$OUT" "$mode" <<'EOF' 2>&1 | tee -a "$log"
 import json, os, sys
 out, mode = sys.argv[1], sys.argv[2]
@@ -185,6 +200,7 @@ def load(name):
     return json.load(f)
 
 compute, data, bench_eval = load('compute.json'), load('data.json'), load('bench_eval.json')
+prepared_pipeline = load('pipeline_prepared.json')
 rows = []
 
 def verdict(value, target, higher=True):
@@ -215,6 +231,11 @@ for row in (data or {}).get('end_to_end', []):
   else:
     rows.append((f'host pipeline, {row["label"]}', '(input capacity)',
                  f'{fmt(row["img_per_s"])} img/s', ''))
+for row in (prepared_pipeline or {}).get('results', []):
+  rows.append((f'host pipeline, prepared records, {row["decoder"]}, {row["workers"]} workers, '
+               f'{row.get("batch_memory") or "in process"} batch memory', '(input capacity)',
+               f'{fmt(row["images_per_sec"])} img/s ({fmt(row.get("images_per_cpu_sec"))} '
+               'img/CPU-s)', ''))
 for row in (data or {}).get('compute', []):
   if row['augment'] == 'device':
     rows.append((f'{row["config"]}: compute-only step with device RandAugment', '(cost)',

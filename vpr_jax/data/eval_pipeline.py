@@ -28,6 +28,7 @@ import numpy as np
 
 from vpr_jax.data import images
 from vpr_jax.data import worker_memory
+from vpr_jax.data import workers
 
 
 class _DecodeBatch:
@@ -125,9 +126,10 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
   iter_dataset = dataset.to_iter_dataset(read_options)
   if num_workers > 0:
     worker_memory.release_at_exit()
-    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=min(num_workers, len(dataset)),
-        per_worker_buffer_size=max(1, int(prefetch_batches))))
+    iter_dataset = iter_dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=min(num_workers, len(dataset)),
+                                     per_worker_buffer_size=max(1, int(prefetch_batches))),
+        worker_init_fn=workers.exit_with_parent)
   return _closing(iter(iter_dataset))
 
 

@@ -58,6 +58,7 @@ import numpy as np
 
 from vpr_jax import errors
 from vpr_jax.data import augment
+from vpr_jax.data import batch_slots
 from vpr_jax.data import decode
 from vpr_jax.data import gsv_cities
 from vpr_jax.data import worker_memory
@@ -295,9 +296,10 @@ def _put(pixels: np.ndarray, slot: np.ndarray):
 class _LoadBatch:
   """grain map: [P, 2] (epoch, place) rows -> one batch, every image decoded into its slot.
 
-  In worker processes grain then copies the batch once into shared memory, which the main process
-  reads without a further copy. (Allocating the batch in shared memory here would save that copy
-  but leak the segments of batches still buffered in a worker when the iterator is closed.)
+  In a worker process with batch slots (`vpr_jax.data.batch_slots`) the images are decoded
+  straight into shared memory the main process reads, and only the slot's number travels
+  ('images_slot': [worker, slot]); otherwise into a new array ('images'), which grain copies into
+  a new shared-memory segment when it leaves a worker.
   """
 
   def __init__(self, load_place: _LoadPlace, images_per_place: int, image_size: tuple[int, int]):
@@ -306,23 +308,58 @@ class _LoadBatch:
     self._image_size = image_size
 
   def __call__(self, elements: np.ndarray) -> dict[str, np.ndarray]:
-    out = np.empty((len(elements), self._k, *self._image_size, 3), dtype=np.uint8)
+    shape = (len(elements), self._k, *self._image_size, 3)
+    slot = batch_slots.acquire(shape, np.uint8)
+    out = np.empty(shape, dtype=np.uint8) if slot is None else slot[2]
     labels = np.empty((len(elements), self._k), dtype=np.int32)
     bad = 0
-    for slot, element in enumerate(elements):
-      place = self._load_place(element, out[slot])
-      labels[slot] = place['labels']
-      bad += int(place['num_bad_images'])
-    return {'images': out, 'labels': labels, 'num_bad_images': np.int32(bad)}
+    try:
+      for row, element in enumerate(elements):
+        place = self._load_place(element, out[row])
+        labels[row] = place['labels']
+        bad += int(place['num_bad_images'])
+    except BaseException:
+      if slot is not None:
+        batch_slots.give_back(slot[1])
+      raise
+    batch = {'labels': labels, 'num_bad_images': np.int32(bad)}
+    if slot is None:
+      batch['images'] = out
+    else:
+      batch['images_slot'] = np.array(slot[:2], dtype=np.int32)
+    return batch
 
 
-def _as_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Plain numpy arrays (views of the shared memory, no copy) and the bad-image count."""
-  return {
-      'images': np.asarray(batch['images']),
-      'labels': np.asarray(batch['labels']),
-      'num_bad_images': np.int32(batch['num_bad_images']),
-  }
+class _ToBatch:
+  """Main-process map: a loaded batch as plain numpy arrays (images from their slot, if any)."""
+
+  def __init__(self, rings: batch_slots.SlotRings | None = None):
+    self._rings = rings
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if 'images_slot' in batch:
+      worker, slot = (int(v) for v in batch['images_slot'])
+      images = self._rings.array(worker, slot)
+    else:
+      # grain's shared-memory array, viewed without a copy.
+      images = np.asarray(batch['images'])
+    return {
+        'images': images,
+        'labels': np.asarray(batch['labels']),
+        'num_bad_images': np.int32(batch['num_bad_images']),
+    }
+
+
+class _InitWorker:
+  """grain `worker_init_fn`: the worker ends with its parent and writes into its batch slots."""
+
+  def __init__(self, ring_spec: batch_slots.RingSpec | None):
+    self._ring_spec = ring_spec
+
+  def __call__(self, worker_index: int, worker_count: int):
+    worker_counts.exit_with_parent(worker_index, worker_count)
+    if self._ring_spec is not None:
+      batch_slots.init_worker(self._ring_spec, worker_index, worker_count)
 
 
 class TrainIterator:
@@ -342,7 +379,8 @@ class TrainIterator:
   def __init__(self, batches: grain.MapDataset, *, steps_per_epoch: int, num_steps: int,
                places_per_batch: int, images_per_place: int, num_workers: int,
                prefetch_buffer_size: int, max_bad_image_fraction: float,
-               fingerprint: dict[str, Any]):
+               fingerprint: dict[str, Any], image_shape: tuple[int, int, int] | None = None,
+               reuse_batch_memory: bool = True):
     self._batches = batches
     self.steps_per_epoch = steps_per_epoch
     self.num_steps = num_steps
@@ -352,6 +390,9 @@ class TrainIterator:
     self._prefetch = prefetch_buffer_size
     self._max_bad_fraction = float(max_bad_image_fraction)
     self._fingerprint = fingerprint
+    self._image_shape = image_shape
+    self._reuse_batch_memory = reuse_batch_memory and image_shape is not None
+    self._rings = None
     self._next_step = 0
     self._images_read = 0
     self._bad_images = 0
@@ -372,13 +413,20 @@ class TrainIterator:
     if self.num_workers == 0:
       ds = remaining.to_iter_dataset(grain.ReadOptions(
           num_threads=1, prefetch_buffer_size=self._prefetch))
-    else:
-      # grain moves each batch through shared memory (one copy, in the worker).
-      ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-      worker_memory.release_at_exit()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.num_workers, per_worker_buffer_size=self._prefetch))
-    return iter(ds.map(_as_batch))
+      return iter(ds.map(_ToBatch()))
+    ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    worker_memory.release_at_exit()
+    if self._reuse_batch_memory:
+      # Per worker: its queued batches, the one it is writing or waiting to queue, the one
+      # grain's reader in this process holds, and the one the consumer reads.
+      self._rings = batch_slots.SlotRings.create(
+          self.num_workers, self._prefetch + 3,
+          (self.places_per_batch, self.images_per_place, *self._image_shape))
+    ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                     per_worker_buffer_size=self._prefetch),
+        worker_init_fn=_InitWorker(self._rings.spec if self._rings is not None else None))
+    return iter(ds.map(_ToBatch(self._rings)))
 
   def __iter__(self) -> 'TrainIterator':
     return self
@@ -460,6 +508,10 @@ class TrainIterator:
     iterator, self._iterator = self._iterator, None
     if iterator is not None and hasattr(iterator, 'close'):
       iterator.close()
+    # After the workers stopped: batches still held keep their slots readable.
+    rings, self._rings = self._rings, None
+    if rings is not None:
+      rings.close()
 
   def __enter__(self) -> 'TrainIterator':
     return self
@@ -543,4 +595,5 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
   return TrainIterator(batches, steps_per_epoch=steps, num_steps=num_epochs * steps,
                        places_per_batch=places_local, images_per_place=k, num_workers=workers,
                        prefetch_buffer_size=prefetch, max_bad_image_fraction=max_bad,
-                       fingerprint=fingerprint)
+                       fingerprint=fingerprint, image_shape=(*transform.image_size, 3),
+                       reuse_batch_memory=bool(data.get('reuse_batch_memory', True)))

@@ -1,6 +1,8 @@
-"""How many decoding worker processes a data pipeline starts (training, evaluation, preparation)."""
+"""Decoding worker processes (training, evaluation, preparation): how many, and their lifetime."""
 
 import os
+import threading
+import time
 
 from vpr_jax.errors import ConfigError
 
@@ -36,3 +38,28 @@ def resolve_num_workers(num_workers: int, field: str = 'data.num_workers') -> in
   if num_workers < 0:
     raise ConfigError(f'{field} must be -1 (automatic) or >= 0, got {num_workers}.')
   return num_workers
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1,
+                     poll_seconds: float = 1.0) -> None:
+  """grain `worker_init_fn`: ends this worker process within `poll_seconds` of its parent's death.
+
+  When the main process is killed outright (SIGKILL, the out-of-memory killer), grain's workers
+  block on their full output queues and would live on, holding their memory and the shared
+  memory that Python's resource tracker frees only once every process sharing it has exited.
+
+  Args:
+    worker_index: unused (grain passes it).
+    worker_count: unused (grain passes it).
+    poll_seconds: how often the parent is checked.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    # An orphan is re-parented (to init or a subreaper): its parent pid changes.
+    while os.getppid() == parent:
+      time.sleep(poll_seconds)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, name='vpr_jax-exit-with-parent', daemon=True).start()
