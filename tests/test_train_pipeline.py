@@ -358,13 +358,25 @@ def test_bench_script_smoke(tmp_path):
   output = tmp_path / 'bench.json'
   script = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts', 'bench_pipeline.py')
   completed = subprocess.run(
-      [sys.executable, script, '--workers', '0', '--num-batches', '2', '--synthetic-places', '8',
-       '--source-size', '48,64', '--image-size', '32', '--output', str(output)],
+      [sys.executable, script, '--workers', '0,1', '--batch-memory', 'reuse,new', '--decoders',
+       'pil,turbo', '--num-batches', '2', '--synthetic-places', '8', '--source-size', '48,64',
+       '--image-size', '32', '--output', str(output)],
       capture_output=True, text=True, timeout=300, check=False)
   assert completed.returncode == 0, completed.stderr
   assert 'img/s' in completed.stdout
   report = json.loads(output.read_text())
   assert report['synthetic'] and report['num_places'] == 8
-  (result,) = report['results']
-  assert result['workers'] == 0 and result['images'] == 2 * 8 * 4
-  assert result['images_per_second'] > 0
+  runs = {(r['decoder'], r['workers'], r['batch_memory']): r for r in report['results']}
+  # The batch memory only matters with workers: in process, one run per decoder.
+  assert sorted(runs) == sorted((d, w, m) for d in ('pil', 'turbo')
+                                for w, m in ((0, None), (1, 'reuse'), (1, 'new')))
+  for (decoder, workers, memory), result in runs.items():
+    assert result['images'] == 2 * 8 * 4 and result['images_per_second'] > 0
+    assert result['source'] == 'original' and result['decoder'] == decoder
+    if workers:
+      # Every worker run is compared with Pillow through a new segment per batch (the path
+      # before libjpeg-turbo and batch slots).
+      assert result['speedup_vs_pil_new_memory'] > 0
+    else:
+      assert 'speedup_vs_pil_new_memory' not in result
+  assert {r['decoder'] for r in report['raw_decode']} == {'pil', 'turbo'}

@@ -414,7 +414,6 @@ class TrainIterator:
       ds = remaining.to_iter_dataset(grain.ReadOptions(
           num_threads=1, prefetch_buffer_size=self._prefetch))
       return iter(ds.map(_ToBatch()))
-    ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     worker_memory.release_at_exit()
     if self._reuse_batch_memory:
       # Per worker: its queued batches, the one it is writing or waiting to queue, the one
@@ -422,6 +421,12 @@ class TrainIterator:
       self._rings = batch_slots.SlotRings.create(
           self.num_workers, self._prefetch + 3,
           (self.places_per_batch, self.images_per_place, *self._image_shape))
+    # With batch slots a worker has nothing left to overlap with its decoding, so it decodes in
+    # its main thread (a reader thread beside it only adds thread switches); grain's own
+    # transport copies each batch into shared memory, which a reader thread does overlap.
+    read_threads = 0 if self._rings is not None else 1
+    ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                     prefetch_buffer_size=read_threads))
     ds = ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=self.num_workers,
                                      per_worker_buffer_size=self._prefetch),
