@@ -421,12 +421,8 @@ class TrainIterator:
       self._rings = batch_slots.SlotRings.create(
           self.num_workers, self._prefetch + 3,
           (self.places_per_batch, self.images_per_place, *self._image_shape))
-    # With batch slots a worker has nothing left to overlap with its decoding, so it decodes in
-    # its main thread (a reader thread beside it only adds thread switches); grain's own
-    # transport copies each batch into shared memory, which a reader thread does overlap.
-    read_threads = 0 if self._rings is not None else 1
-    ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                     prefetch_buffer_size=read_threads))
+    # One reader thread per worker, beside the one handing batches to grain's queue.
+    ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     ds = ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=self.num_workers,
                                      per_worker_buffer_size=self._prefetch),
