@@ -60,6 +60,6 @@ def exit_with_parent(worker_index: int = 0, worker_count: int = 1,
     # An orphan is re-parented (to init or a subreaper): its parent pid changes.
     while os.getppid() == parent:
       time.sleep(poll_seconds)
-    os._exit(1)  # pylint: disable=protected-access
+    os._exit(1)  # at once: no clean-up that could block on the dead parent
 
   threading.Thread(target=watch, name='vpr_jax-exit-with-parent', daemon=True).start()
