@@ -18,13 +18,17 @@ plain array, which grain sends its usual way: slower, never wrong, never blockin
 Flags. Byte i of a segment's header is 1 while slot i holds a batch on its way or in use, 0 when
 free. Only the worker sets it (0 -> 1, before writing) and only the main process clears it
 (1 -> 0, after the last reader is gone), so no lock is needed; the worker learns of the clear by
-reading the byte (a store the main process makes after its last read of the slot).
+reading the byte (a store the main process makes after its last read of the slot; on x86 stores
+are never reordered before earlier loads; elsewhere the GIL hand-offs and the finalizer's call
+chain separate them, without an explicit barrier).
 
 Clean-up. The main process creates and unlinks the segments (`SlotRings.close`, which the train
 iterator calls when it stops its workers); Python's resource tracker, which the spawned workers
-share, unlinks them if the main process dies first. The space is reserved when the ring is
-created (`posix_fallocate` where the OS has it), so a full /dev/shm gives a warning and grain's
-usual transport instead of a crash on first touch.
+share, unlinks them if the main process dies first (once the workers have exited, which
+`workers.exit_with_parent` makes prompt). The space is reserved when the ring is created
+(`posix_fallocate`), so a full /dev/shm gives a warning and grain's usual transport instead of a
+crash on first touch. Linux only (the segments are mapped from /dev/shm); elsewhere batches
+travel grain's usual way.
 
 Nothing here imports JAX (it runs in data worker processes).
 """
