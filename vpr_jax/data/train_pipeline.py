@@ -310,7 +310,10 @@ class _LoadBatch:
   def __call__(self, elements: np.ndarray) -> dict[str, np.ndarray]:
     shape = (len(elements), self._k, *self._image_size, 3)
     slot = batch_slots.acquire(shape, np.uint8)
-    out = np.empty(shape, dtype=np.uint8) if slot is None else slot[2]
+    if slot is None:
+      out = np.empty(shape, dtype=np.uint8)
+    else:
+      worker, slot_number, out = slot
     labels = np.empty((len(elements), self._k), dtype=np.int32)
     bad = 0
     try:
@@ -320,13 +323,13 @@ class _LoadBatch:
         bad += int(place['num_bad_images'])
     except BaseException:
       if slot is not None:
-        batch_slots.give_back(slot[1])
+        batch_slots.give_back(slot_number)
       raise
     batch = {'labels': labels, 'num_bad_images': np.int32(bad)}
     if slot is None:
       batch['images'] = out
     else:
-      batch['images_slot'] = np.array(slot[:2], dtype=np.int32)
+      batch['images_slot'] = np.array([worker, slot_number], dtype=np.int32)
     return batch
 
 
@@ -379,7 +382,7 @@ class TrainIterator:
   def __init__(self, batches: grain.MapDataset, *, steps_per_epoch: int, num_steps: int,
                places_per_batch: int, images_per_place: int, num_workers: int,
                prefetch_buffer_size: int, max_bad_image_fraction: float,
-               fingerprint: dict[str, Any], image_shape: tuple[int, int, int] | None = None,
+               fingerprint: dict[str, Any], image_shape: tuple[int, int, int],
                reuse_batch_memory: bool = True):
     self._batches = batches
     self.steps_per_epoch = steps_per_epoch
@@ -391,7 +394,7 @@ class TrainIterator:
     self._max_bad_fraction = float(max_bad_image_fraction)
     self._fingerprint = fingerprint
     self._image_shape = image_shape
-    self._reuse_batch_memory = reuse_batch_memory and image_shape is not None
+    self._reuse_batch_memory = reuse_batch_memory
     self._rings = None
     self._next_step = 0
     self._images_read = 0
