@@ -193,12 +193,60 @@ def test_killed_main_process_takes_its_workers_and_slots_along(tmp_path, data_ro
   text = log.read_text()
   assert completed.returncode == -signal.SIGKILL, text
   pid = int(text.split('PID ')[1].split()[0])
-  # The workers notice the orphaning within a second and exit; the resource tracker they share
-  # with the killed process then unlinks the slots.
-  deadline = time.monotonic() + 30
+  # The workers notice the orphaning within a second of their start and exit; the resource
+  # tracker they share with the killed process then unlinks the slots. A worker may still be
+  # importing (seconds on a loaded machine) when the main process dies.
+  deadline = time.monotonic() + 120
   while time.monotonic() < deadline:
     left = [n for n in os.listdir('/dev/shm') if n.startswith(f'vpr_jax_{pid}_')]
     if not left:
       break
     time.sleep(0.5)
   assert not left, text
+
+
+_ORPHANED_WORKER = """
+import os, pickle, subprocess, sys, time
+sys.path.insert(0, {repo!r})
+from vpr_jax.data import workers
+
+# The "main process": makes the init function, starts a "worker", and dies before the worker
+# has run it (the worker still importing, say).
+init = pickle.dumps(workers.ExitWithParent(poll_seconds=0.2))
+worker = '''
+import pickle, sys, time
+time.sleep(1.0)  # the parent is gone by now
+pickle.loads(sys.stdin.buffer.read())(0, 1)
+time.sleep(60)
+sys.exit(0)
+'''
+child = subprocess.Popen([sys.executable, '-c', worker], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+child.stdin.write(init)
+child.stdin.close()
+print(child.pid, flush=True)
+os._exit(0)
+"""
+
+
+def _running(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as stat:
+      return stat.read().rsplit(')', 1)[1].split()[0] != 'Z'  # a zombie has exited
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='reads /proc')
+def test_worker_started_after_its_parent_died_exits():
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  completed = subprocess.run([sys.executable, '-c', _ORPHANED_WORKER.format(repo=repo)],
+                             capture_output=True, text=True, timeout=120, check=True)
+  worker_pid = int(completed.stdout.split()[0])
+  deadline = time.monotonic() + 30
+  while _running(worker_pid) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  still_running = _running(worker_pid)
+  if still_running:
+    os.kill(worker_pid, signal.SIGKILL)
+  assert not still_running, 'the orphaned worker outlived its parent'

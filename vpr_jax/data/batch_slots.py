@@ -25,7 +25,7 @@ chain separate them, without an explicit barrier).
 Clean-up. The main process creates and unlinks the segments (`SlotRings.close`, which the train
 iterator calls when it stops its workers); Python's resource tracker, which the spawned workers
 share, unlinks them if the main process dies first (once the workers have exited, which
-`workers.exit_with_parent` makes prompt). The space is reserved when the ring is created
+`workers.ExitWithParent` makes prompt). The space is reserved when the ring is created
 (`posix_fallocate`), so a full /dev/shm gives a warning and grain's usual transport instead of a
 crash on first touch. Linux only (the segments are mapped from /dev/shm); elsewhere batches
 travel grain's usual way.

@@ -129,7 +129,7 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
     iter_dataset = iter_dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=min(num_workers, len(dataset)),
                                      per_worker_buffer_size=max(1, int(prefetch_batches))),
-        worker_init_fn=workers.exit_with_parent)
+        worker_init_fn=workers.ExitWithParent())
   return _closing(iter(iter_dataset))
 
 

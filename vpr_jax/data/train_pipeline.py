@@ -357,10 +357,11 @@ class _InitWorker:
   """grain `worker_init_fn`: the worker ends with its parent and writes into its batch slots."""
 
   def __init__(self, ring_spec: batch_slots.RingSpec | None):
+    self._exit_with_parent = worker_counts.ExitWithParent()  # made here: the main process's pid
     self._ring_spec = ring_spec
 
   def __call__(self, worker_index: int, worker_count: int):
-    worker_counts.exit_with_parent(worker_index, worker_count)
+    self._exit_with_parent(worker_index, worker_count)
     if self._ring_spec is not None:
       batch_slots.init_worker(self._ring_spec, worker_index, worker_count)
 

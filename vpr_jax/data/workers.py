@@ -40,26 +40,32 @@ def resolve_num_workers(num_workers: int, field: str = 'data.num_workers') -> in
   return num_workers
 
 
-def exit_with_parent(worker_index: int = 0, worker_count: int = 1,
-                     poll_seconds: float = 1.0) -> None:
-  """grain `worker_init_fn`: ends this worker process within `poll_seconds` of its parent's death.
+class ExitWithParent:
+  """grain `worker_init_fn`: ends the worker process once the process that created this is gone.
 
   When the main process is killed outright (SIGKILL, the out-of-memory killer), grain's workers
   block on their full output queues and would live on, holding their memory and the shared
   memory that Python's resource tracker frees only once every process sharing it has exited.
 
-  Args:
-    worker_index: unused (grain passes it).
-    worker_count: unused (grain passes it).
-    poll_seconds: how often the parent is checked.
+  The parent's pid is taken when this object is made (in the main process), not when a worker
+  starts: a worker still importing when the main process dies would otherwise take its new
+  parent (init or a subreaper) for the one to watch, and never exit.
   """
-  del worker_index, worker_count
-  parent = os.getppid()
 
-  def watch():
-    # An orphan is re-parented (to init or a subreaper): its parent pid changes.
-    while os.getppid() == parent:
-      time.sleep(poll_seconds)
-    os._exit(1)  # at once: no clean-up that could block on the dead parent
+  def __init__(self, poll_seconds: float = 1.0):
+    """Args: poll_seconds: how often a worker checks its parent."""
+    self._parent_pid = os.getpid()
+    self._poll_seconds = poll_seconds
 
-  threading.Thread(target=watch, name='vpr_jax-exit-with-parent', daemon=True).start()
+  def __call__(self, worker_index: int = 0, worker_count: int = 1) -> None:
+    """Starts the watch in this worker (grain passes the worker's index and count, unused)."""
+    del worker_index, worker_count
+    parent_pid, poll_seconds = self._parent_pid, self._poll_seconds
+
+    def watch():
+      # An orphan is re-parented (to init or a subreaper): its parent pid changes.
+      while os.getppid() == parent_pid:
+        time.sleep(poll_seconds)
+      os._exit(1)  # at once: no clean-up that could block on the dead parent
+
+    threading.Thread(target=watch, name='vpr_jax-exit-with-parent', daemon=True).start()
