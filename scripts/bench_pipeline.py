@@ -47,12 +47,12 @@ sys.path.insert(0, _SCRIPTS)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_common
 from vpr_jax.configs import default
-from vpr_jax.data import decode
-from vpr_jax.data import gsv_cities
-from vpr_jax.data import images
+from vpr_jax.data.imaging import decode
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.imaging import images
 from vpr_jax.data import synthetic
-from vpr_jax.data import tfds_builders
-from vpr_jax.data import train_pipeline
+from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.training import train_pipeline
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 

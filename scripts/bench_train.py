@@ -72,12 +72,12 @@ from vpr_jax.evaluation import descriptors
 from vpr_jax.training import programs
 from vpr_jax.training import state as train_state
 from vpr_jax import parallel
-from vpr_jax.data import device_augment
-from vpr_jax.data import gsv_cities
-from vpr_jax.data import tfds_builders
+from vpr_jax.data.augmentation import device_augment
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.tfds import tfds_builders
 from vpr_jax.data import synthetic
-from vpr_jax.data import train_pipeline
-from vpr_jax.data import workers
+from vpr_jax.data.training import train_pipeline
+from vpr_jax.data.multiprocess import workers
 from vpr_jax.models import vpr_model
 # pylint: enable=g-import-not-at-top,wrong-import-position
 

@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vpr_jax.data import augment
-from vpr_jax.data import augment_ops
+from vpr_jax.data.augmentation import augment
+from vpr_jax.data.augmentation import augment_ops
 
 # The seed's setting: magnitude 9 of 31 bins.
 MAGNITUDE, BINS = 9, 31

@@ -26,9 +26,9 @@ from vpr_jax import errors
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.evaluation import evaluate
 from vpr_jax.training import loop
-from vpr_jax.data import gsv_cities
+from vpr_jax.data.training import gsv_cities
 from vpr_jax.data import synthetic
-from vpr_jax.data import train_pipeline
+from vpr_jax.data.training import train_pipeline
 
 TRAIN_DIR = os.path.join('synthetic', 'gsv_cities')
 

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from vpr_jax.data import batch_slots
-from vpr_jax.data import train_pipeline
+from vpr_jax.data.multiprocess import batch_slots
+from vpr_jax.data.training import train_pipeline
 from tests import test_train_pipeline as pipeline_tests
 # The pipeline tests' tiny GSV-XS set (every image a distinct grey level).
 from tests.test_train_pipeline import data_root  # noqa: F401  pylint: disable=unused-import
@@ -168,7 +168,7 @@ from absl import flags
 def main():
   flags.FLAGS.mark_as_parsed()
   from tests import test_train_pipeline as pipeline_tests
-  from vpr_jax.data import train_pipeline
+  from vpr_jax.data.training import train_pipeline
   index = pipeline_tests._index({root!r}, 'killed')
   it = train_pipeline.make_train_iterator(index, pipeline_tests._config(), seed=0, num_workers=2)
   next(it)
@@ -208,7 +208,7 @@ def test_killed_main_process_takes_its_workers_and_slots_along(tmp_path, data_ro
 _ORPHANED_WORKER = """
 import os, pickle, subprocess, sys, time
 sys.path.insert(0, {repo!r})
-from vpr_jax.data import workers
+from vpr_jax.data.multiprocess import workers
 
 # The "main process": makes the init function, starts a "worker", and dies before the worker
 # has run it (the worker still importing, say).

@@ -1,4 +1,4 @@
-"""Tests for vpr_jax.data.benchmarks: positives, the seed's SF-XS ground truth, errors."""
+"""Tests for vpr_jax.data.evaluation.benchmarks: positives, the seed's SF-XS ground truth, errors."""
 
 import json
 import logging
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vpr_jax import errors
-from vpr_jax.data import benchmarks
+from vpr_jax.data.evaluation import benchmarks
 from vpr_jax.data import roots
 from vpr_jax.data import synthetic
 

@@ -17,8 +17,8 @@ import pytest
 
 from vpr_jax import errors
 from vpr_jax.conversion import converter
-from vpr_jax.data import images as images_lib
-from vpr_jax.data import benchmarks
+from vpr_jax.data.imaging import images as images_lib
+from vpr_jax.data.evaluation import benchmarks
 from vpr_jax.evaluation import evaluate
 from vpr_jax.models import vpr_model
 

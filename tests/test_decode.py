@@ -1,4 +1,4 @@
-"""Tests for vpr_jax.data.decode: libjpeg-turbo decodes equal Pillow's, fallbacks, DCT scaling."""
+"""Tests for vpr_jax.data.imaging.decode: libjpeg-turbo decodes equal Pillow's, fallbacks, DCT scaling."""
 
 import io
 from pathlib import Path
@@ -9,12 +9,12 @@ import pytest
 
 from configs import default
 from vpr_jax import errors
-from vpr_jax.data import decode
-from vpr_jax.data import gsv_cities
-from vpr_jax.data import images
+from vpr_jax.data.imaging import decode
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.imaging import images
 from vpr_jax.data import synthetic
-from vpr_jax.data import tfds_builders
-from vpr_jax.data import train_pipeline
+from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.training import train_pipeline
 
 _REAL = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'real'
 _REAL_JPEGS = sorted(_REAL.glob('**/*.jpg')) if _REAL.is_dir() else []

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpr_jax.data import augment_ops
-from vpr_jax.data import device_augment
+from vpr_jax.data.augmentation import augment_ops
+from vpr_jax.data.augmentation import device_augment
 
 torch = pytest.importorskip('torch', reason='torch is the reference for RandAugment ops')
 tv_transforms = pytest.importorskip('torchvision.transforms',

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vpr_jax.conversion import transformer_mapping
-from vpr_jax.data import bicubic_weights
+from vpr_jax.data.imaging import bicubic_weights
 from vpr_jax.models import dinov2
 from vpr_jax.models import torch_resize
 

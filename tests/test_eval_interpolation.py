@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vpr_jax.data import eval_pipeline
-from vpr_jax.data import images
+from vpr_jax.data.evaluation import eval_pipeline
+from vpr_jax.data.imaging import images
 
 torch = pytest.importorskip('torch', reason='torch is the reference implementation')
 F = pytest.importorskip('torch.nn.functional')

@@ -1,4 +1,4 @@
-"""Tests for vpr_jax.data.eval_pipeline: fixed shapes, padding, order, errors, worker processes."""
+"""Tests for vpr_jax.data.evaluation.eval_pipeline: fixed shapes, padding, order, errors, worker processes."""
 
 import os
 import shutil
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from vpr_jax import errors
-from vpr_jax.data import benchmarks
-from vpr_jax.data import eval_pipeline
-from vpr_jax.data import images
+from vpr_jax.data.evaluation import benchmarks
+from vpr_jax.data.evaluation import eval_pipeline
+from vpr_jax.data.imaging import images
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +114,7 @@ import sys
 from absl import flags
 import numpy as np
 
-from vpr_jax.data import eval_pipeline
+from vpr_jax.data.evaluation import eval_pipeline
 
 
 def main():

@@ -331,7 +331,7 @@ def test_visualize_writes_sheets_with_border_colours(small_result, tmp_path, onl
 # Through the real input pipeline and benchmark loader.
 
 def test_compute_descriptors_keeps_path_order_and_drops_padding(tmp_path):
-  from vpr_jax.data import images as images_lib
+  from vpr_jax.data.imaging import images as images_lib
   names = [f'{i:02d}.jpg' for i in range(11)]
   write_images(tmp_path, names, seed=3)
   paths = names[::-1]  # not the sorted order
@@ -347,7 +347,7 @@ def test_compute_descriptors_keeps_path_order_and_drops_padding(tmp_path):
 
 def test_recall_known_by_construction(tmp_path, caplog):
   """Queries are byte copies of database images: R@1 = 100 - share of queries without positive."""
-  from vpr_jax.data import benchmarks
+  from vpr_jax.data.evaluation import benchmarks
   split = tmp_path / 'copies'
   rng = np.random.default_rng(7)
   for sub in ('database', 'queries'):

@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vpr_jax.data import gsv_cities
-from vpr_jax.data.gsv_cities import DatasetError
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.training.gsv_cities import DatasetError
 
 COLUMNS = ('place_id', 'year', 'month', 'northdeg', 'city_id', 'lat', 'lon', 'panoid')
 

@@ -1,4 +1,4 @@
-"""Tests for vpr_jax.data.images: decoding of good and bad files, torchvision-exact resize."""
+"""Tests for vpr_jax.data.imaging.images: decoding of good and bad files, torchvision-exact resize."""
 
 import io
 import pickle
@@ -9,7 +9,7 @@ from PIL import ImageFile
 import pytest
 
 from vpr_jax import errors
-from vpr_jax.data import images
+from vpr_jax.data.imaging import images
 
 
 def _pixels(shape, seed=0):

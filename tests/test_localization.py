@@ -17,7 +17,7 @@ from vpr_jax.checkpoints import orbax_states
 from vpr_jax.evaluation import descriptors
 from vpr_jax.evaluation import evaluate
 from vpr_jax import localization
-from vpr_jax.data import images
+from vpr_jax.data.imaging import images
 from vpr_jax.models import vpr_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from vpr_jax.configs import default as default_config
-from vpr_jax.data import gsv_cities
+from vpr_jax.data.training import gsv_cities
 from vpr_jax.data import synthetic
-from vpr_jax.data import tfds_builders
-from vpr_jax.data import train_pipeline
+from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.training import train_pipeline
 from vpr_jax.training import setup
 
 _CITIES = synthetic.DEFAULT_CITIES

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from vpr_jax.data import images
+from vpr_jax.data.imaging import images
 from vpr_jax.data import synthetic
 
 SMALL = dict(num_train_places=6, images_per_place=4, num_eval_places=4, image_size=(32, 40))

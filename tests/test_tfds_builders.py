@@ -14,12 +14,12 @@ import pytest
 
 from configs import default as default_config
 from vpr_jax import errors
-from vpr_jax.data import benchmarks
-from vpr_jax.data import gsv_cities
-from vpr_jax.data import images
+from vpr_jax.data.evaluation import benchmarks
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.imaging import images
 from vpr_jax.data import synthetic
-from vpr_jax.data import tfds_builders
-from vpr_jax.data import train_pipeline
+from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.training import train_pipeline
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CITIES = synthetic.DEFAULT_CITIES
@@ -270,7 +270,9 @@ _WITHOUT_TENSORFLOW = """
 import os, sys
 from vpr_jax.cli import prepare  # The command that builds, and training that reads.
 from vpr_jax.configs import default
-from vpr_jax.data import synthetic, tfds_builders, train_pipeline
+from vpr_jax.data import synthetic
+from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.training import train_pipeline
 from vpr_jax.training import setup
 root, data_dir = sys.argv[1], sys.argv[2]
 synthetic.make_synthetic_dataset(root, seed=0, num_train_places=6, images_per_place=4,

@@ -12,10 +12,10 @@ import pytest
 
 from vpr_jax import errors
 from vpr_jax.configs import default
-from vpr_jax.data import gsv_cities
-from vpr_jax.data import images
-from vpr_jax.data import train_pipeline
-from vpr_jax.data import workers
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.imaging import images
+from vpr_jax.data.training import train_pipeline
+from vpr_jax.data.multiprocess import workers
 
 SIZE = 16
 # city -> {place_id: number of images}; 12 places with 4 to 7 images.

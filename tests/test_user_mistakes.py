@@ -22,8 +22,8 @@ from vpr_jax import fileio
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.checkpoints import run_config
 from vpr_jax.configs import default
-from vpr_jax.data import gsv_cities
-from vpr_jax.data import train_pipeline
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.training import train_pipeline
 from vpr_jax.evaluation import evaluate
 from vpr_jax.models import vpr_model
 from vpr_jax.training import loop

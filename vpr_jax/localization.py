@@ -71,9 +71,9 @@ from vpr_jax.evaluation import descriptors as descriptors_lib
 
 from vpr_jax import fileio
 from vpr_jax import visualize
-from vpr_jax.data import benchmarks
-from vpr_jax.data import images
-from vpr_jax.data import workers
+from vpr_jax.data.evaluation import benchmarks
+from vpr_jax.data.imaging import images
+from vpr_jax.data.multiprocess import workers
 from vpr_jax.models import vpr_model
 from vpr_jax.errors import CheckpointNotFoundError
 from vpr_jax.errors import CoordinatesFileError

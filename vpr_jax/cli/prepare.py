@@ -9,7 +9,7 @@ r"""Prepares the training images once: a TFDS dataset of resized JPEGs with thei
 
 Reads the training places of the config (data.train_dir, data.train_layout, data.cities,
 data.min_img_per_place), builds them as a `vpr_training_set` TFDS dataset under --out (the TFDS
-data folder; layout and fields in `vpr_jax.data.tfds_builders`), reports images/s and prints, as
+data folder; layout and fields in `vpr_jax.data.tfds.tfds_builders`), reports images/s and prints, as
 its last line, the folder of the built dataset (the one holding dataset_info.json, which
 `tfds.builder_from_directory` opens). Train from it with `--config.data.prepared_dir=<folder>`.
 The default size is the config's image_size, so the train transform's resize becomes a no-op.
@@ -32,12 +32,12 @@ from ml_collections import config_flags
 from vpr_jax import config_fields
 from vpr_jax import fileio
 from vpr_jax.cli import common
-from vpr_jax.data import benchmarks
-from vpr_jax.data import gsv_cities
-from vpr_jax.data import images
+from vpr_jax.data.evaluation import benchmarks
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.imaging import images
 from vpr_jax.data import roots
-from vpr_jax.data import tfds_builders
-from vpr_jax.data import workers
+from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.multiprocess import workers
 from vpr_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 import numpy as np
 from tqdm import auto as tqdm
 
-from vpr_jax.data import images
+from vpr_jax.data.imaging import images
 from vpr_jax.evaluation import descriptors
 from vpr_jax.evaluation import search
 
@@ -77,7 +77,7 @@ def evaluate_dataset(model, variables, benchmark, image_size, batch_size: int,
     model: the VPR model.
     variables: its variables (host, device or replicated train-state arrays; under pmap, the
       unreplicated copy without the leading device axis).
-    benchmark: a `vpr_jax.data.benchmarks.BenchmarkSet`.
+    benchmark: a `vpr_jax.data.evaluation.benchmarks.BenchmarkSet`.
     image_size: (height, width) of the model input.
     batch_size: images per forward batch.
     num_workers: decoding worker processes.

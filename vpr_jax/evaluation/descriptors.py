@@ -15,8 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from vpr_jax import parallel
-from vpr_jax.data import eval_pipeline
-from vpr_jax.data import images
+from vpr_jax.data.evaluation import eval_pipeline
+from vpr_jax.data.imaging import images
 
 # (id(model), mesh key) -> (weak reference to the model, embed function). Keeps one jitted
 # function per model so that validation every epoch reuses the compiled executable.

@@ -15,9 +15,9 @@ from vpr_jax import fileio
 from vpr_jax import visualize as visualize_lib
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.checkpoints import runs
-from vpr_jax.data import benchmarks
+from vpr_jax.data.evaluation import benchmarks
 from vpr_jax.data import roots
-from vpr_jax.data import workers
+from vpr_jax.data.multiprocess import workers
 from vpr_jax.errors import CheckpointMismatchError
 from vpr_jax.errors import CheckpointNotFoundError
 from vpr_jax.errors import ConfigError

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from vpr_jax.data import bicubic_weights
+from vpr_jax.data.imaging import bicubic_weights
 
 def resize_bicubic(x: jax.Array, out_hw: tuple[int, int], scale_factor=None,
                    antialias: bool = False) -> jax.Array:

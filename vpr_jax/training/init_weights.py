@@ -20,7 +20,7 @@ import numpy as np
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.conversion import torch_files
 from vpr_jax.conversion import transformer_mapping
-from vpr_jax.data import train_pipeline
+from vpr_jax.data.training import train_pipeline
 from vpr_jax.errors import CheckpointMismatchError
 from vpr_jax.errors import ConfigError
 from vpr_jax.models import netvlad

@@ -17,7 +17,7 @@ from vpr_jax import losses
 from vpr_jax import optim
 from vpr_jax import parallel
 from vpr_jax.checkpoints import run_config
-from vpr_jax.data import device_augment
+from vpr_jax.data.augmentation import device_augment
 from vpr_jax.models import vpr_model
 from vpr_jax.training import step
 

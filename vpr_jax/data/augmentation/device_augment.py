@@ -7,7 +7,7 @@ and the accelerator never waits for the CPU.
 
 When to use which path:
 
-* `data.augment = 'randaugment'` (CPU, `vpr_jax.data.augment`): PIL images and the seed's
+* `data.augment = 'randaugment'` (CPU, `vpr_jax.data.augmentation.augment`): PIL images and the seed's
   `torchvision.transforms.RandAugment` on PIL images, drawn in the data workers. Use it for
   parity with the seed, or when the CPUs keep up (small models, few accelerators, many cores).
 * `data.augment = 'device'` (this module): the same ops, magnitudes and sampling rule, computed
@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vpr_jax.data import augment_ops
+from vpr_jax.data.augmentation import augment_ops
 
 _OP = {name: i for i, name in enumerate(augment_ops.OPS)}
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.

@@ -26,9 +26,9 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
-from vpr_jax.data import images
-from vpr_jax.data import worker_memory
-from vpr_jax.data import workers
+from vpr_jax.data.imaging import images
+from vpr_jax.data.multiprocess import worker_memory
+from vpr_jax.data.multiprocess import workers
 
 
 class _DecodeBatch:

@@ -18,7 +18,7 @@ None of the data can be downloaded automatically: the builders read the folder g
 manual directory (`MANUAL_DOWNLOAD_INSTRUCTIONS`). They are registered TFDS builders with named
 configs, as `tfds build` expects:
 
-  tfds build vpr_training_set --imports=vpr_jax.data.tfds_builders --config=gsv_cities_224 \
+  tfds build vpr_training_set --imports=vpr_jax.data.tfds.tfds_builders --config=gsv_cities_224 \
       --manual_dir=/data/gsv_cities --data_dir=/data/tfds
 
 but the `tfds` command of tensorflow-datasets 4.9.10 itself imports TensorFlow (it fails with "No
@@ -60,11 +60,11 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from vpr_jax import errors
 from vpr_jax.configs import default
-from vpr_jax.data import benchmarks
-from vpr_jax.data import decode
-from vpr_jax.data import gsv_cities
-from vpr_jax.data import images
-from vpr_jax.data.gsv_cities import PlaceIndex
+from vpr_jax.data.evaluation import benchmarks
+from vpr_jax.data.imaging import decode
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.imaging import images
+from vpr_jax.data.training.gsv_cities import PlaceIndex
 from vpr_jax.errors import BuiltDatasetError
 
 TRAIN_SPLIT = 'train'
@@ -184,7 +184,7 @@ def read_npz(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
               {name: data[name] for name in data.files if name != 'meta'})
   except FileNotFoundError:
     raise BuiltDatasetError(f'{path} does not exist: the folder is not a dataset built by '
-                            'vpr_jax.data.tfds_builders (or is incomplete).') from None
+                            'vpr_jax.data.tfds.tfds_builders (or is incomplete).') from None
   except (OSError, KeyError, ValueError) as e:
     raise BuiltDatasetError(f'{path} cannot be read: {e}') from None
 

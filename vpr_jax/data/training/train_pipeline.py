@@ -16,7 +16,7 @@ Elements. A place gives K images: drawn without replacement, fresh every epoch, 
 Generator seeded with (seed, epoch, place) (or the K most recent, by date then latitude, when
 `data.random_sample_from_each_place` is False). The same Generator then drives RandAugment, so
 every batch is a pure function of (seed, step) whatever the number of workers. Each image is
-decoded (`vpr_jax.data.decode`; `data.decode` chooses exact or DCT-scaled), resized (PIL
+decoded (`vpr_jax.data.imaging.decode`; `data.decode` chooses exact or DCT-scaled), resized (PIL
 bilinear), augmented and returned as uint8; normalisation happens on the device.
 
 Undecodable images. An image that cannot be decoded is replaced by the next image of the same
@@ -37,7 +37,7 @@ Checkpointing. `TrainIterator.get_state()` is a small JSON-serialisable dict (th
 the bad-image counters); `set_state()` on a fresh iterator continues with exactly the batches the
 uninterrupted run would have produced.
 
-Prepared data. With `prepared` (a `vpr_jax.data.tfds_builders.TrainingSource`, from
+Prepared data. With `prepared` (a `vpr_jax.data.tfds.tfds_builders.TrainingSource`, from
 `tfds_builders.open_training_set`, whose index is then the one passed in), the images are read
 from the built TFDS dataset instead of the original files: record i is flat image i of the index,
 so the order, the draws and the labels are those of a run on the originals, and only the pixels
@@ -57,13 +57,13 @@ import grain
 import numpy as np
 
 from vpr_jax import errors
-from vpr_jax.data import augment
-from vpr_jax.data import batch_slots
-from vpr_jax.data import decode
-from vpr_jax.data import gsv_cities
-from vpr_jax.data import worker_memory
-from vpr_jax.data import workers as worker_counts
-from vpr_jax.data.gsv_cities import PlaceIndex
+from vpr_jax.data.augmentation import augment
+from vpr_jax.data.multiprocess import batch_slots
+from vpr_jax.data.imaging import decode
+from vpr_jax.data.training import gsv_cities
+from vpr_jax.data.multiprocess import worker_memory
+from vpr_jax.data.multiprocess import workers as worker_counts
+from vpr_jax.data.training.gsv_cities import PlaceIndex
 from vpr_jax.errors import ConfigError
 from vpr_jax.errors import DatasetError
 from vpr_jax.errors import TooManyBadImagesError
@@ -296,7 +296,7 @@ def _put(pixels: np.ndarray, slot: np.ndarray):
 class _LoadBatch:
   """grain map: [P, 2] (epoch, place) rows -> one batch, every image decoded into its slot.
 
-  In a worker process with batch slots (`vpr_jax.data.batch_slots`) the images are decoded
+  In a worker process with batch slots (`vpr_jax.data.multiprocess.batch_slots`) the images are decoded
   straight into shared memory the main process reads, and only the slot's number travels
   ('images_slot': [worker, slot]); otherwise into a new array ('images'), which grain copies into
   a new shared-memory segment when it leaves a worker.

@@ -21,8 +21,8 @@ from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
 
-from vpr_jax.data import augment_ops
-from vpr_jax.data import images
+from vpr_jax.data.augmentation import augment_ops
+from vpr_jax.data.imaging import images
 from vpr_jax.errors import ConfigError
 
 AUGMENT_MODES = ('randaugment', 'device', 'none')

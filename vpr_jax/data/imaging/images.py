@@ -1,6 +1,6 @@
 """Decoding to PIL images and torchvision-exact resizing.
 
-Every pipeline of vpr_jax decodes through `vpr_jax.data.decode` (libjpeg-turbo for JPEGs, Pillow
+Every pipeline of vpr_jax decodes through `vpr_jax.data.imaging.decode` (libjpeg-turbo for JPEGs, Pillow
 for the rest; its module doc has the rules: full decodes, mode conversions, errors); `load_rgb`
 is that decoder with the result as a PIL image, for the steps that work on PIL images.
 
@@ -13,7 +13,7 @@ JPEGs at a reduced (DCT) scale that is still at least the model's input size.
 calls `img.resize((W, H), Image.BILINEAR)`, which in PIL is an antialiased (support-scaled)
 bilinear filter, and returns the image untouched when it already has the target size.
 `resized_size` is torchvision's `Resize(int)` size rule (shorter side, aspect ratio kept), and
-`encode_jpeg` the JPEG encoding of prepared data (`vpr_jax.data.tfds_builders`).
+`encode_jpeg` the JPEG encoding of prepared data (`vpr_jax.data.tfds.tfds_builders`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from vpr_jax.data import bicubic_weights
-from vpr_jax.data import decode
+from vpr_jax.data.imaging import bicubic_weights
+from vpr_jax.data.imaging import decode
 
 # JPEG quality of prepared (resized, re-encoded) images.
 DEFAULT_QUALITY = 95

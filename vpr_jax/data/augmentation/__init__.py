@@ -1,0 +1,1 @@
+"""Augmentation: RandAugment on the host (PIL) and on the accelerator, sharing one op table."""

@@ -1,0 +1,1 @@
+"""What evaluation reads: benchmark sets (lists, positives, registry) and ordered evaluation batches."""
