@@ -11,12 +11,13 @@ Two kinds of PyTorch state dicts are understood:
   match.
 
 In both, a `module.` prefix (DataParallel) is stripped and BatchNorm `num_batches_tracked` counters
-are ignored. Mismatches are reported together (missing, unexpected and mis-shaped keys) in one
+are ignored. The names come from `transformer_mapping.torch_key`, the table that the exporter
+writes with too. Mismatches are reported together (missing, unexpected and mis-shaped keys) in one
 `StateDictMismatchError`. The functions take numpy state dicts (`torch_files` reads the files).
 """
 
 import functools
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from flax import traverse_util
 import jax
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from vpr_jax.conversion import torch_files
+from vpr_jax.conversion import transformer_mapping
 from vpr_jax.errors import CheckpointMismatchError
 from vpr_jax.errors import StateDictMismatchError
 from vpr_jax.models import aggregators
@@ -34,21 +36,10 @@ from vpr_jax.models import vpr_model
 KINDS = ('auto', 'torchvision', 'family')
 
 
-BACKBONE_PREFIX = 'backbone.model.'
+BACKBONE_PREFIX = transformer_mapping.CHECKPOINT_LAYOUTS['family'][0]
 
 
-AGGREGATOR_PREFIX = 'aggregator.'
-
-
-_IGNORED_SUFFIXES = ('num_batches_tracked',)
-
-
-# flax BatchNorm / LayerNorm leaf names -> torch names.
-_NORM_LEAVES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
-
-
-# MixVPR mixer sublayers -> index in torch's nn.Sequential(LayerNorm, Linear, ReLU, Linear).
-_MIXER_LAYERS = {'norm': '0', 'fc1': '1', 'fc2': '3'}
+AGGREGATOR_PREFIX = transformer_mapping.AGGREGATOR_PREFIX
 
 
 def detect_kind(state_dict: Mapping[str, Any]) -> str:
@@ -63,54 +54,6 @@ def detect_kind(state_dict: Mapping[str, Any]) -> str:
                    f'{AGGREGATOR_PREFIX}* names; the first keys are {keys[:8]}.')
 
 
-def _torch_leaf_name(path: Sequence[str]) -> tuple[str, str]:
-  """(torch key relative to its module, layout) for a flax path inside a backbone or aggregator.
-
-  Layout is 'conv' (HWIO <- OIHW), 'dense' ([in, out] <- [out, in]) or 'vector'.
-  """
-  *modules, leaf = path
-  parts = []
-  for i, name in enumerate(modules):
-    if name == 'downsample_conv':
-      parts += ['downsample', '0']
-    elif name == 'downsample_bn':
-      parts += ['downsample', '1']
-    elif name.startswith('mix_') and name[4:].isdigit():
-      parts += ['mix', name[4:]]
-    elif name in _MIXER_LAYERS and i > 0 and modules[i - 1].startswith('mix_'):
-      parts += ['mix', _MIXER_LAYERS[name]]
-    else:
-      parts.append(name)
-  if leaf == 'kernel':
-    return '.'.join(parts + ['weight']), None
-  if leaf in _NORM_LEAVES:
-    return '.'.join(parts + [_NORM_LEAVES[leaf]]), 'vector'
-  return '.'.join(parts + [leaf]), 'vector'
-
-
-def _layout(flax_shape: tuple, layout: Optional[str]) -> str:
-  if layout is not None:
-    return layout
-  return {4: 'conv', 2: 'dense'}.get(len(flax_shape), 'vector')
-
-
-def _torch_shape(flax_shape: tuple, layout: str) -> tuple:
-  if layout == 'conv':
-    h, w, i, o = flax_shape
-    return (o, i, h, w)
-  if layout == 'dense':
-    return tuple(reversed(flax_shape))
-  return tuple(flax_shape)
-
-
-def _to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:
-  if layout == 'conv':
-    return np.transpose(array, (2, 3, 1, 0))
-  if layout == 'dense':
-    return np.transpose(array)
-  return array
-
-
 def _convert(state_dict: Mapping[str, Any], expected: Mapping[str, Any],
              name_fn: Callable[[str, tuple, str], str], ignore_fn: Callable[[str], bool],
              source: str, dtype: Any = np.float32) -> dict[str, Any]:
@@ -119,7 +62,8 @@ def _convert(state_dict: Mapping[str, Any], expected: Mapping[str, Any],
   Args:
     state_dict: {torch name: tensor or array}.
     expected: {'params': ..., 'batch_stats': ...} abstract variables.
-    name_fn: (collection, flax path, torch-style name of that path) -> the state-dict key.
+    name_fn: (collection, flax path, torch name of that path in its module, from
+      `transformer_mapping.torch_key`) -> the state-dict key.
     ignore_fn: state-dict keys to skip silently.
     source: description of the state dict for error messages.
     dtype: numpy dtype of the result.
@@ -127,33 +71,12 @@ def _convert(state_dict: Mapping[str, Any], expected: Mapping[str, Any],
   Returns:
     Variables with the structure of `expected`, as numpy arrays of `dtype`.
   """
-  state_dict = torch_files.unwrap_state_dict(state_dict)
-  given = {k: v for k, v in state_dict.items()
-           if not k.endswith(_IGNORED_SUFFIXES) and not ignore_fn(k)}
-  targets = {}
-  for collection, tree in expected.items():
-    for path, leaf in traverse_util.flatten_dict(tree).items():
-      relative, layout = _torch_leaf_name(path)
-      layout = _layout(leaf.shape, layout)
-      targets[name_fn(collection, path, relative)] = (collection, path, leaf.shape, layout)
-
-  missing = sorted(k for k in targets if k not in given)
-  unexpected = sorted(k for k in given if k not in targets)
-  mismatched = []
-  converted = {collection: {} for collection in expected}
-  for key, (collection, path, flax_shape, layout) in targets.items():
-    if key not in given:
-      continue
-    array = torch_files.to_numpy(given[key])
-    torch_shape = _torch_shape(flax_shape, layout)
-    if tuple(array.shape) != torch_shape:
-      mismatched.append((key, torch_shape, tuple(array.shape)))
-      continue
-    converted[collection][path] = np.ascontiguousarray(
-        _to_flax_layout(array, layout).astype(dtype))
-  if missing or unexpected or mismatched:
-    raise StateDictMismatchError(source, missing, unexpected, sorted(mismatched))
-  return {collection: traverse_util.unflatten_dict(flat) for collection, flat in converted.items()}
+  state_dict = {k: torch_files.to_numpy(v)
+                for k, v in torch_files.unwrap_state_dict(state_dict).items()}
+  return transformer_mapping.fill_variables(
+      state_dict, expected,
+      lambda collection, path: name_fn(collection, path, transformer_mapping.torch_key(path)),
+      ignore_fn, source, dtype)
 
 
 def _abstract_variables(module, *args, **kwargs) -> dict[str, Any]:
@@ -231,9 +154,8 @@ def family_checkpoint_to_flax(state_dict: Mapping[str, Any], config: ml_collecti
   model = vpr_model.build_model(config)
   h, w = config.image_size
   expected = _abstract_variables(model, jnp.zeros((1, int(h), int(w), 3), jnp.uint8))
-  prefixes = {'backbone': BACKBONE_PREFIX, 'aggregator': AGGREGATOR_PREFIX}
-  return _convert(state_dict, expected,
-                  lambda collection, path, name: prefixes[path[0]] + name.split('.', 1)[1],
+  family_keys = transformer_mapping.CheckpointKeys('family')
+  return _convert(state_dict, expected, lambda collection, path, name: family_keys(collection, path),
                   lambda key: False, source)
 
 

@@ -1,14 +1,18 @@
-"""Names and layouts of the released DINOv2 / SALAD / BoQ / NetVLAD state dicts -> Flax variables.
+"""PyTorch names and layouts of every model's weights <-> Flax variables, in both directions.
 
-Pure functions (numpy in, numpy out; torch is not imported). The Flax module trees of
-`vpr_jax.models.{dinov2, salad, boq, netvlad}` follow the PyTorch names, so a Flax path maps to a
+The one name table of vpr_jax: the converter (`mapping` for the gsv-cities family, this module
+for the released DINOv2 / SALAD / BoQ / NetVLAD files) reads state dicts with it, and the exporter
+(`exporter`) writes them with it. Pure functions (numpy in, numpy out; torch is not imported).
+The Flax module trees of `vpr_jax.models` follow the PyTorch names, so a Flax path maps to a
 torch key by joining its parts with '.', with these renames:
 
 * leaves: `kernel` -> `weight` (Linear: transposed; Conv: OIHW -> HWIO), LayerNorm / BatchNorm
   `scale` -> `weight`, BatchNorm statistics `mean` / `var` -> `running_mean` / `running_var`,
   MultiheadAttention `in_proj_kernel` -> `in_proj_weight` (transposed);
 * modules: `blocks_<i>` -> `blocks.<i>`, `boqs_<i>` -> `boqs.<i>`, the ViT's `patch_embed` ->
-  `patch_embed.proj`, the ResNet's `downsample_conv` / `downsample_bn` -> `downsample.0` / `.1`.
+  `patch_embed.proj`, the ResNet's `downsample_conv` / `downsample_bn` -> `downsample.0` / `.1`,
+  MixVPR's `mix_<i>` -> `mix.<i>` and its mixer's `norm` / `fc1` / `fc2` -> `mix.0` / `mix.1` /
+  `mix.3` (torch's nn.Sequential(LayerNorm, Linear, ReLU, Linear)).
 
 Whole-model files (`CHECKPOINT_LAYOUTS`) prefix the backbone and the aggregator:
 
@@ -16,10 +20,11 @@ Whole-model files (`CHECKPOINT_LAYOUTS`) prefix the backbone and the aggregator:
   `aggregator.{token_features, cluster_features, score}.*` and a 0-d `aggregator.dust_bin`;
 * `boq_dinov2` (`dinov2_12288.pth`): `backbone.dino.<hub ViT names>` (its `norm.*` unused when the
   model skips the final norm), `aggregator.{proj_c, norm_input, boqs.<i>.*, fc}.*`;
-* `boq_resnet` (`resnet50_16384.pth`): `backbone.net.{0,1,4,5,6}.*` (conv1, bn1, layer1-3), the
-  aggregator as boq_dinov2;
-* `family` (gsv-cities Lightning): `backbone.model.<torchvision names>`, `aggregator.*` (NetVLAD:
-  `conv.weight`, `centroids`).
+* `boq_resnet` (`resnet50_16384.pth`): `backbone.net.{0,1,4,5,6}.*` (conv1, bn1, layer1-3; `7`
+  is layer4 when BoQ keeps it, crop_last_block=False), the aggregator as boq_dinov2;
+* `family` (gsv-cities / MixVPR Lightning): `backbone.model.<torchvision names>`, `aggregator.*`
+  (GeM: `p`; ConvAP: `channel_pool.*`; MixVPR: `mix.<i>.mix.{0,1,3}.*`, `channel_proj.*`,
+  `row_proj.*`; NetVLAD: `conv.weight`, `centroids`).
 
 The hub's `mask_token` (DINOv2 pre-training only) and BatchNorm `num_batches_tracked` counters are
 ignored; every other key must match, or `StateDictMismatchError` lists all the differences.
@@ -40,12 +45,18 @@ LAYOUT_AS_IS = 'as_is'
 _LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean',
                'var': 'running_var', 'in_proj_kernel': 'in_proj_weight'}
 _MODULE_NAMES = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
-_INDEXED_MODULE = re.compile(r'^(blocks|boqs)_(\d+)$')
-# torchvision ResNet module -> index in BoQ's nn.Sequential(conv1, bn1, relu, maxpool, layer1..3).
-BOQ_RESNET_INDICES = {'conv1': '0', 'bn1': '1', 'layer1': '4', 'layer2': '5', 'layer3': '6'}
-# Keys of the released files that no Flax module holds.
-_IGNORED_SUFFIXES = ('num_batches_tracked',)
-_IGNORED_VIT_KEYS = ('mask_token',)
+_INDEXED_MODULE = re.compile(r'^(blocks|boqs|mix)_(\d+)$')
+# MixVPR mixer sublayers -> index in torch's nn.Sequential(LayerNorm, Linear, ReLU, Linear).
+_MIXER_LAYERS = {'norm': '0', 'fc1': '1', 'fc2': '3'}
+# torchvision ResNet module -> index in BoQ's nn.Sequential(conv1, bn1, relu, maxpool, layer1..4).
+BOQ_RESNET_INDICES = {'conv1': '0', 'bn1': '1', 'layer1': '4', 'layer2': '5', 'layer3': '6',
+                      'layer4': '7'}
+# Keys of the released files that no Flax module holds: BatchNorm's counter of batches seen, and
+# the hub ViT's mask_token (DINOv2 pre-training only); the exporter writes them back.
+BATCH_COUNTER = 'num_batches_tracked'
+_IGNORED_SUFFIXES = (BATCH_COUNTER,)
+VIT_MASK_TOKEN = 'mask_token'
+_IGNORED_VIT_KEYS = (VIT_MASK_TOKEN,)
 
 CHECKPOINT_LAYOUTS = {
     # layout: (backbone prefix, backbone kind)
@@ -72,6 +83,8 @@ def torch_key(path: Sequence[str]) -> str:
     match = _INDEXED_MODULE.match(name)
     if match:
       parts += [match.group(1), match.group(2)]
+    elif name in _MIXER_LAYERS and i > 0 and modules[i - 1].startswith('mix_'):
+      parts += ['mix', _MIXER_LAYERS[name]]
     elif name == 'patch_embed' and i == 0:
       parts += ['patch_embed', 'proj']
     else:
@@ -195,6 +208,31 @@ def _backbone_key_fn(kind: str) -> Callable[[tuple], str]:
   return torch_key
 
 
+class CheckpointKeys:
+  """(collection, Flax path) -> the whole-model file's key, for one of CHECKPOINT_LAYOUTS.
+
+  Used by the converter to read a file and by the exporter to write one, so both directions
+  share one naming.
+  """
+
+  def __init__(self, layout: str):
+    if layout not in CHECKPOINT_LAYOUTS:
+      raise ValueError(f'Unknown checkpoint layout {layout!r}; valid choices: '
+                       f'{", ".join(CHECKPOINT_LAYOUTS)}.')
+    self.layout = layout
+    self.backbone_prefix, self.backbone_kind = CHECKPOINT_LAYOUTS[layout]
+    self._backbone_key = _backbone_key_fn(self.backbone_kind)
+
+  def __call__(self, collection: str, path: Sequence[str]) -> str:
+    del collection  # params and batch_stats share one namespace in torch.
+    module, rest = path[0], tuple(path[1:])
+    if module == 'backbone':
+      return self.backbone_prefix + self._backbone_key(rest)
+    if module == 'aggregator':
+      return AGGREGATOR_PREFIX + torch_key(rest)
+    raise ValueError(f'Unexpected top-level module {module!r} in the model variables.')
+
+
 def checkpoint_to_flax(state_dict: Mapping[str, Any], expected: Mapping[str, Any], layout: str,
                        source: str = 'checkpoint') -> dict[str, Any]:
   """Converts a released whole-model state dict into VPR model variables.
@@ -210,45 +248,35 @@ def checkpoint_to_flax(state_dict: Mapping[str, Any], expected: Mapping[str, Any
   Returns:
     Variables with the structure of `expected`, as float32 numpy arrays.
   """
-  if layout not in CHECKPOINT_LAYOUTS:
-    raise ValueError(f'Unknown checkpoint layout {layout!r}; valid choices: '
-                     f'{", ".join(CHECKPOINT_LAYOUTS)}.')
-  prefix, kind = CHECKPOINT_LAYOUTS[layout]
-  backbone_key = _backbone_key_fn(kind)
+  key_fn = CheckpointKeys(layout)
+  prefix = key_fn.backbone_prefix
   expected = {c: t for c, t in expected.items() if t}
   ignored = set()
-  if kind == 'vit':
+  if key_fn.backbone_kind == 'vit':
     ignored.update(prefix + k for k in _IGNORED_VIT_KEYS)
     if 'norm' not in expected['params'].get('backbone', {}):
       ignored.update((prefix + 'norm.weight', prefix + 'norm.bias'))
-
-  def key_fn(collection, path):
-    del collection
-    module, rest = path[0], path[1:]
-    if module == 'backbone':
-      return prefix + backbone_key(rest)
-    if module == 'aggregator':
-      return AGGREGATOR_PREFIX + torch_key(rest)
-    raise ValueError(f'Unexpected top-level module {module!r} in the model variables.')
-
   return fill_variables(state_dict, expected, key_fn, lambda key: key in ignored, source)
 
 
 def flax_to_state_dict(variables: Mapping[str, Any], key_fn: Callable[[str, tuple], str]
                        ) -> dict[str, np.ndarray]:
-  """The inverse mapping: Flax variables -> {torch key: numpy array} (e.g. to export weights).
+  """The inverse mapping: Flax variables -> {torch key: numpy array} (to export weights).
 
   Args:
     variables: {collection: tree of arrays}.
     key_fn: (collection, flax path) -> torch key, as given to `fill_variables`.
 
   Returns:
-    The state dict as numpy arrays in torch layout.
+    The state dict as numpy arrays in torch layout: transposed views of the leaves (not copies,
+    so that a large model is not held twice; a writer makes each contiguous in turn).
   """
   state_dict = {}
   for collection, tree in variables.items():
     for path, leaf in traverse_util.flatten_dict(tree).items():
       array = np.asarray(leaf)
-      state_dict[key_fn(collection, path)] = np.array(
-          to_torch_layout(array, leaf_layout(path, array.shape)), order='C')
+      key = key_fn(collection, path)
+      if key in state_dict:
+        raise ValueError(f'Two Flax variables map to the torch key {key!r}.')
+      state_dict[key] = to_torch_layout(array, leaf_layout(path, array.shape))
   return state_dict
