@@ -3,16 +3,22 @@
 DINOv2 (facebookresearch/dinov2: dinov2/models/vision_transformer.py and dinov2/layers/*, the parts
 torch hub's `dinov2_vit*14` run in inference), SALAD (serizba/salad: models/aggregators/salad.py),
 BoQ (amaralibey/Bag-of-Queries: src/boq.py) and NetVLAD (the gsv-cities family / deep visual
-geo-localization benchmark layout: `conv` without bias, `centroids`, init from k-means).
-Parameter names match the released state dicts. Only imported by tests (torch is a test oracle).
+geo-localization benchmark layout: `conv` without bias, `centroids`, init from k-means), and the
+gsv-cities / MixVPR whole model (main.py's `VPRModel`, models/backbones/resnet.py's `ResNet`; the
+aggregators are in tests/test_aggregators.py). Parameter names match the released state dicts.
+Only imported by tests (torch is a test oracle).
 """
 
 import math
 
 import numpy as np
+from pytorch_metric_learning import distances
+from pytorch_metric_learning import losses
+from pytorch_metric_learning import miners
 import torch
 from torch import nn
 import torch.nn.functional as F
+import torchvision
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,13 +245,15 @@ class BoQDinoV2(nn.Module):
 
 
 class BoQResNet(nn.Module):
-  """amaralibey/Bag-of-Queries' ResNet backbone (crop_last_block=True): `net` Sequential."""
+  """amaralibey/Bag-of-Queries' ResNet backbone (src/backbones.py): `net` Sequential."""
 
-  def __init__(self, resnet):
+  def __init__(self, resnet, crop_last_block=True):
     super().__init__()
     self.net = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
-                             resnet.layer1, resnet.layer2, resnet.layer3)
-    self.out_channels = resnet.layer3[-1].conv3.out_channels
+                             resnet.layer1, resnet.layer2, resnet.layer3,
+                             *([] if crop_last_block else [resnet.layer4]))
+    last = resnet.layer3[-1]
+    self.out_channels = (last.conv3 if hasattr(last, 'conv3') else last.conv2).out_channels
 
   def forward(self, x):
     return self.net(x)
@@ -425,6 +433,47 @@ class VPRModel(nn.Module):
   def forward(self, x):
     out = self.aggregator(self.backbone(x))
     return out[0] if isinstance(out, tuple) else out
+
+
+class GsvCitiesResNet(nn.Module):
+  """gsv-cities / MixVPR models/backbones/resnet.py `ResNet` (pretrained=False: nothing frozen)."""
+
+  def __init__(self, model_name='resnet50', layers_to_crop=()):
+    super().__init__()
+    self.model = getattr(torchvision.models, model_name)(weights=None)
+    self.model.avgpool = None
+    self.model.fc = None
+    if 4 in layers_to_crop:
+      self.model.layer4 = None
+    if 3 in layers_to_crop:
+      self.model.layer3 = None
+
+  def forward(self, x):
+    m = self.model
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    x = m.layer2(m.layer1(x))
+    if m.layer3 is not None:
+      x = m.layer3(x)
+    if m.layer4 is not None:
+      x = m.layer4(x)
+    return x
+
+
+class GsvCitiesVPRModel(nn.Module):
+  """gsv-cities / MixVPR main.py `VPRModel` as a plain nn.Module (Lightning adds no state):
+  `backbone`, `aggregator`, and the loss and miner modules of pytorch-metric-learning, which
+  hold no state but are attributes of the authors' model, so a strict load sees them."""
+
+  def __init__(self, backbone, aggregator):
+    super().__init__()
+    self.loss_fn = losses.MultiSimilarityLoss(alpha=1.0, beta=50, base=0.0,
+                                              distance=distances.DotProductSimilarity())
+    self.miner = miners.MultiSimilarityMiner(epsilon=0.1, distance=distances.CosineSimilarity())
+    self.backbone = backbone
+    self.aggregator = aggregator
+
+  def forward(self, x):
+    return self.aggregator(self.backbone(x))
 
 
 def numpy_state_dict(module: nn.Module) -> dict:

@@ -101,6 +101,10 @@ class UnsafeCheckpointError(TorchCheckpointError):
   """A PyTorch checkpoint's pickle would run code (os.system, eval, ...): refused, never run."""
 
 
+class ExportFormatError(UserError, ValueError):
+  """A model cannot be written in the PyTorch layout asked for (e.g. SALAD as a gsv-cities file)."""
+
+
 class CheckpointWriteError(UserError, OSError):
   """A checkpoint could not be written (e.g. the disk is full); older checkpoints are intact."""
 

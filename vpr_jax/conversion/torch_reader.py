@@ -39,7 +39,7 @@ from vpr_jax.errors import UnsafeCheckpointError
 
 
 # Storage classes of torch's zip format -> numpy dtypes of their elements.
-_STORAGE_DTYPES = {
+STORAGE_DTYPES = {
     'DoubleStorage': np.dtype(np.float64),
     'FloatStorage': np.dtype(np.float32),
     'HalfStorage': np.dtype(np.float16),
@@ -432,8 +432,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if module == 'copyreg' and name == '_reconstructor':
       return _SafeCallable('copyreg._reconstructor', self._reconstructor)
     if module in ('torch', 'torch.storage') and name.endswith('Storage'):
-      if name in _STORAGE_DTYPES:
-        return _StorageType(name, _STORAGE_DTYPES[name])
+      if name in STORAGE_DTYPES:
+        return _StorageType(name, STORAGE_DTYPES[name])
       if name in _UNSUPPORTED_STORAGES:
         return _StorageType(name, None)
     if module == 'torch' and (name in _TORCH_DTYPES or name in _OTHER_TORCH_DTYPES):
