@@ -6,7 +6,7 @@ to a temporary folder (optionally made of real photos, --photos), and times
 RandAugment (or not, --augment) + batching, as in training (no accelerator involved).
 
 Sources: 'original' reads the JPEG files; 'prepared' first builds them at --image-size into a
-TFDS dataset (`tfds_builders.build_training_set`, in a temporary folder) and reads its records.
+TFDS dataset (`training_set.build_training_set`, in a temporary folder) and reads its records.
 Decoders (`config.data.decode`): 'pil' (Pillow only), 'turbo' (libjpeg-turbo, the same pixels)
 and 'turbo_dct' (DCT-scaled decode + exact resize). Next to the pipeline, the raw decode (+ the
 exact resize, when the stored size is not --image-size) of the same encoded images, already in
@@ -51,7 +51,8 @@ from vpr_jax.data.imaging import decode
 from vpr_jax.data.training import gsv_cities
 from vpr_jax.data.imaging import images
 from vpr_jax.data import synthetic
-from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.tfds import records
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data.training import train_pipeline
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -250,14 +251,14 @@ def run(args, train_dir, work_dir=None):
     else:
       data_dir = os.path.join(work_dir or tempfile.mkdtemp(prefix='vpr_jax_bench_'), 'tfds')
       start = time.perf_counter()
-      folder = tfds_builders.build_training_set(
+      folder = training_set.build_training_set(
           train_dir, data_dir, layout=args.layout, cities=cities,
           min_img_per_place=args.images_per_place,
-          encoding=tfds_builders.ImageEncoding(tuple(args.image_size),
+          encoding=records.ImageEncoding(tuple(args.image_size),
                                                quality=args.prepared_quality))
       print(f'Prepared {index.num_images} images at {args.image_size[0]}x{args.image_size[1]} '
             f'(quality {args.prepared_quality}) in {time.perf_counter() - start:.1f} s.')
-      prepared_index, source = tfds_builders.open_training_set(folder)
+      prepared_index, source = training_set.open_training_set(folder)
       if not np.array_equal(prepared_index.image_paths, index.image_paths):
         raise SystemExit('The prepared index lists other images than the source index.')
       sources[name] = (prepared_index, source)

@@ -22,7 +22,7 @@ Sources for end_to_end / pipeline / eval (--sources original,prepared): --train_
 --layout, --cities), or synthetic GSV-Cities places written to a temporary folder
 (--synthetic_places, --source_size; written by --workers processes); 'prepared' reads
 --prepared_dir (a built TFDS dataset folder), or builds the original images at the config's image
-size into a temporary folder first (`tfds_builders.build_training_set`).
+size into a temporary folder first (`training_set.build_training_set`).
 
   python scripts/bench_train.py --tiny                          # CPU smoke run (CI)
   python scripts/bench_train.py --output bench_train.json       # seed + MixVPR-paper recipes
@@ -74,7 +74,8 @@ from vpr_jax.training import state as train_state
 from vpr_jax import parallel
 from vpr_jax.data.augmentation import device_augment
 from vpr_jax.data.training import gsv_cities
-from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.tfds import records
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data import synthetic
 from vpr_jax.data.training import train_pipeline
 from vpr_jax.data.multiprocess import workers
@@ -497,8 +498,8 @@ class DataSources:
       config.data.cities = tuple(self.cities)
       config.data.train_layout = self.layout
     elif self._args.prepared_dir:
-      info, _ = tfds_builders.read_npz(
-          os.path.join(self._args.prepared_dir, tfds_builders.PLACE_INDEX_FILE))
+      info, _ = records.read_npz(
+          os.path.join(self._args.prepared_dir, training_set.PLACE_INDEX_FILE))
       config.data.cities = tuple(info['cities'])
       config.data.train_layout = info['layout']
       config.data.min_img_per_place = int(info['min_img_per_place'])
@@ -518,17 +519,17 @@ class DataSources:
   def prepared(self, config):
     """(index, TrainingSource) of --prepared_dir or of a TFDS build at config.image_size."""
     if self._args.prepared_dir:
-      return tfds_builders.open_training_set(self._args.prepared_dir, config)
+      return training_set.open_training_set(self._args.prepared_dir, config)
     size = tuple(int(s) for s in config.image_size)
     if size not in self._prepared:
       index = self.original(config)
       start = time.perf_counter()
-      folder = tfds_builders.build_training_set(
+      folder = training_set.build_training_set(
           self.train_dir, os.path.join(self._workdir, 'tfds'), layout=self.layout,
           cities=self.cities, min_img_per_place=int(config.data.min_img_per_place),
-          encoding=tfds_builders.ImageEncoding(size), num_workers=self._args.workers)
+          encoding=records.ImageEncoding(size), num_workers=self._args.workers)
       seconds = time.perf_counter() - start
-      _, source = tfds_builders.open_training_set(folder)
+      _, source = training_set.open_training_set(folder)
       self.info[f'prepared_{size[0]}x{size[1]}'] = {
           'seconds': seconds,
           'images_per_second': index.num_images / seconds,
@@ -537,7 +538,7 @@ class DataSources:
       print(f'Prepared {index.num_images} images at {size[0]}x{size[1]} in {seconds:.1f} s.',
             flush=True)
       self._prepared[size] = folder
-    return tfds_builders.open_training_set(self._prepared[size], config)
+    return training_set.open_training_set(self._prepared[size], config)
 
   def get(self, source: str, config):
     """(index, TrainingSource or None) for 'original' or 'prepared'."""
