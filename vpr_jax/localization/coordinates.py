@@ -1,8 +1,9 @@
 """Where a database photo was taken: a CSV, a benchmark-style name, or the EXIF GPS tags.
 
 Per image, the first found of: the `coordinates` CSV (`path,lat,lon`, header optional, paths
-relative to the images folder), a benchmark-style name (`@UTM_east@UTM_north@zone@band@lat@lon@...`),
-the EXIF GPS tags. `build.build_index` applies the CSV over what `position_of_file` finds.
+relative to the images folder), a benchmark-style name
+(`@UTM_east@UTM_north@zone@band@lat@lon@...`), the EXIF GPS tags. `build.build_index` applies
+the CSV over what `position_of_file` finds.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def train_faiss_index(factory: str, dim: int, training: np.ndarray) -> faiss.Ind
 
 
 def train_on_sample(factory: str, descriptors: np.ndarray, train_size: int) -> faiss.Index:
-  """`train_faiss_index` on at most `train_size` rows of `descriptors` (seeded sample, row order)."""
+  """`train_faiss_index` on at most `train_size` rows of `descriptors` (a seeded random sample)."""
   rng = np.random.default_rng(0)
   sample = np.sort(rng.choice(len(descriptors), min(len(descriptors), int(train_size)),
                               replace=False))

@@ -195,7 +195,7 @@ def part_key(fingerprint: Mapping[str, Any], settings: Mapping[str, Any], dtype:
 
 
 def read_pending(index_dir: str, key: str) -> list[Rows]:
-  """The pending parts written with `key` (others and unreadable ones are ignored, with a warning)."""
+  """The pending parts written with `key`; others and unreadable ones are ignored with a warning."""
   parts = []
   pending_dir = os.path.join(index_dir, PENDING_SUBDIR)
   for path in sorted(glob.glob(os.path.join(pending_dir, 'part-*.npz'))):
