@@ -13,7 +13,8 @@ from vpr_jax.data.imaging import decode
 from vpr_jax.data.training import gsv_cities
 from vpr_jax.data.imaging import images
 from vpr_jax.data import synthetic
-from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.tfds import records
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data.training import train_pipeline
 
 _REAL = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'real'
@@ -189,18 +190,18 @@ def _train_config(image_size, decode_mode, augment='none'):
 
 
 @pytest.fixture(scope='module')
-def training_set(tmp_path_factory):
+def prepared_places(tmp_path_factory):
   root = tmp_path_factory.mktemp('decode_train')
   summary = synthetic.make_training_places(str(root), seed=0, num_train_places=8,
                                            images_per_place=2, image_size=(96, 128),
                                            cities=('SynthA', 'SynthB'), layouts=('gsv_cities',))
   index = gsv_cities.build_place_index(summary['gsv_cities_dir'], 'gsv_cities',
                                        ['SynthA', 'SynthB'], 2)
-  folder = tfds_builders.build_training_set(
+  folder = training_set.build_training_set(
       summary['gsv_cities_dir'], str(root / 'tfds'), layout='gsv_cities',
       cities=('SynthA', 'SynthB'), min_img_per_place=2,
-      encoding=tfds_builders.ImageEncoding((32, 48)))
-  return index, tfds_builders.open_training_set(folder)
+      encoding=records.ImageEncoding((32, 48)))
+  return index, training_set.open_training_set(folder)
 
 
 def _all_batches(index, config, source=None, num_workers=0):
@@ -210,8 +211,8 @@ def _all_batches(index, config, source=None, num_workers=0):
 
 
 @pytest.mark.parametrize('augment', ['none', 'randaugment'])
-def test_pipeline_pixels_equal_pillow_path(training_set, augment):
-  index, (prepared_index, source) = training_set
+def test_pipeline_pixels_equal_pillow_path(prepared_places, augment):
+  index, (prepared_index, source) = prepared_places
   for idx, src, size in [(index, None, (32, 48)), (prepared_index, source, (32, 48)),
                          (index, None, (96, 128))]:
     pil = _all_batches(idx, _train_config(size, 'pil', augment), src)
@@ -222,8 +223,8 @@ def test_pipeline_pixels_equal_pillow_path(training_set, augment):
       np.testing.assert_array_equal(a['labels'], b['labels'])
 
 
-def test_pipeline_worker_batches_equal_in_process_ones(training_set):
-  _, (prepared_index, source) = training_set
+def test_pipeline_worker_batches_equal_in_process_ones(prepared_places):
+  _, (prepared_index, source) = prepared_places
   config = _train_config((32, 48), 'exact')
   in_process = _all_batches(prepared_index, config, source, num_workers=0)
   in_worker = _all_batches(prepared_index, config, source, num_workers=1)
@@ -233,8 +234,8 @@ def test_pipeline_worker_batches_equal_in_process_ones(training_set):
     np.testing.assert_array_equal(a['labels'], b['labels'])
 
 
-def test_pipeline_dct_scaled_decode_is_close_to_exact(training_set):
-  index, _ = training_set
+def test_pipeline_dct_scaled_decode_is_close_to_exact(prepared_places):
+  index, _ = prepared_places
   exact = _all_batches(index, _train_config((32, 48), 'exact'))
   fast = _all_batches(index, _train_config((32, 48), 'dct_scaled'))
   for a, b in zip(exact, fast):
@@ -243,8 +244,8 @@ def test_pipeline_dct_scaled_decode_is_close_to_exact(training_set):
     np.testing.assert_array_equal(a['labels'], b['labels'])
 
 
-def test_unknown_decode_mode_is_rejected(training_set):
-  index, _ = training_set
+def test_unknown_decode_mode_is_rejected(prepared_places):
+  index, _ = prepared_places
   with pytest.raises(ValueError, match='data.decode'):
     train_pipeline.make_train_iterator(index, _train_config((32, 48), 'fastest'), seed=0,
                                        num_workers=0)

@@ -88,7 +88,8 @@ def test_out_is_a_file(synthetic_root, tmp_path):
 def test_builds_a_tfds_dataset_and_prints_its_folder(synthetic_root, tmp_path):
   """The last line of stdout is the built dataset, which TFDS and training open."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from vpr_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from vpr_jax.data.tfds import records  # pylint: disable=g-import-not-at-top
+  from vpr_jax.data.tfds import training_set  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'tfds'
   args = ['--image_size=16,20', '--quality=90', '--records_per_shard=40']
   result = _run(tmp_path, synthetic_root, *args, out=out)
@@ -100,10 +101,10 @@ def test_builds_a_tfds_dataset_and_prints_its_folder(synthetic_root, tmp_path):
   builder = tfds.builder_from_directory(folder)
   num_images = builder.info.splits['train'].num_examples
   assert len(builder.info.splits['train'].filenames) == -(-num_images // 40)
-  index, source = tfds_builders.open_training_set(folder)
+  index, source = training_set.open_training_set(folder)
   assert index.num_images == num_images == len(source)
   assert source.load_array(0).shape == (16, 20, 3)
-  meta, _ = tfds_builders.read_npz(os.path.join(folder, tfds_builders.PLACE_INDEX_FILE))
+  meta, _ = records.read_npz(os.path.join(folder, training_set.PLACE_INDEX_FILE))
   assert meta['encoding']['quality'] == 90 and meta['bad_images'] == []
 
   # The same settings again: reused, the same folder printed; --overwrite builds it again.
@@ -120,8 +121,8 @@ def test_builds_a_tfds_dataset_and_prints_its_folder(synthetic_root, tmp_path):
 
 
 def test_builds_benchmarks_and_prints_their_folders(synthetic_root, tmp_path):
-  from vpr_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
-  from vpr_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from vpr_jax.data.evaluation import benchmarks  # pylint: disable=g-import-not-at-top
+  from vpr_jax.data.tfds import benchmark_set  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'tfds'
   test_dir = os.path.join(str(synthetic_root), 'synthetic_test')
   result = _run(tmp_path, synthetic_root, '--benchmark=synthetic_val,' + test_dir,
@@ -130,7 +131,7 @@ def test_builds_benchmarks_and_prints_their_folders(synthetic_root, tmp_path):
   folders = result.stdout.strip().splitlines()[-2:]
   assert 'images/s' in result.stdout and len(set(folders)) == 2
   for folder, split_dir in zip(folders, ('synthetic_val', 'synthetic_test')):
-    split, sources = tfds_builders.open_benchmark(folder)
+    split, sources = benchmark_set.open_benchmark(folder)
     expected = benchmarks.load_benchmark(os.path.join(str(synthetic_root), split_dir),
                                          use_cache=False)
     assert split.queries_paths == expected.queries_paths
@@ -140,7 +141,7 @@ def test_builds_benchmarks_and_prints_their_folders(synthetic_root, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   folder = result.stdout.strip().splitlines()[-1]
   assert folder not in folders
-  split, sources = tfds_builders.open_benchmark(folder)
+  split, sources = benchmark_set.open_benchmark(folder)
   with open(os.path.join(split.root, split.database_paths[0]), 'rb') as f:
     assert sources['database'][0] == f.read()
   missing = _single_error_line(_run(tmp_path, synthetic_root, '--benchmark=nowhere', out=out))

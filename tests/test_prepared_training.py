@@ -9,7 +9,8 @@ import pytest
 from vpr_jax.configs import default as default_config
 from vpr_jax.data.training import gsv_cities
 from vpr_jax.data import synthetic
-from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.tfds import records
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data.training import train_pipeline
 from vpr_jax.training import setup
 
@@ -45,9 +46,9 @@ def prepared_setup(synthetic_root, tmp_path_factory):
   train_dir = os.path.join(str(synthetic_root), 'gsv_cities')
   index = gsv_cities.build_place_index(train_dir, 'gsv_cities', _CITIES, 4,
                                        cache_dir=str(cache_dir))
-  folder = tfds_builders.build_training_set(
+  folder = training_set.build_training_set(
       train_dir, str(tmp_path_factory.mktemp('tfds')), layout='gsv_cities', cities=_CITIES,
-      min_img_per_place=4, encoding=tfds_builders.ImageEncoding(_SIZE), num_shards=3)
+      min_img_per_place=4, encoding=records.ImageEncoding(_SIZE), num_shards=3)
   return config, index, folder
 
 
@@ -58,7 +59,7 @@ def _batches(index, config, num, **kwargs):
 
 def test_prepared_batches_match_the_originals(prepared_setup):
   config, index, folder = prepared_setup
-  prepared_index, source = tfds_builders.open_training_set(folder, config)
+  prepared_index, source = training_set.open_training_set(folder, config)
   assert len(os.listdir(folder)) > 3 and sum('array_record' in f for f in os.listdir(folder)) == 3
   steps = train_pipeline.steps_per_epoch(index, config)
   num = steps + 1  # Into the second epoch: a new place order and new image draws.
@@ -85,7 +86,7 @@ def test_prepared_resume_gives_the_same_batches(prepared_setup):
   """A run restored from the iterator state continues with exactly the uninterrupted batches."""
   config, _, folder = prepared_setup
   config = _config(config.data.root, config.data.cache_dir, augment='randaugment')
-  index, source = tfds_builders.open_training_set(folder, config)
+  index, source = training_set.open_training_set(folder, config)
   with train_pipeline.make_train_iterator(index, config, seed=5, prepared=source) as it:
     for _ in range(3):
       next(it)
@@ -93,7 +94,7 @@ def test_prepared_resume_gives_the_same_batches(prepared_setup):
     expected = [next(it) for _ in range(3)]  # Across the epoch boundary.
   assert state['next_step'] == 3
   # A new process would open the dataset again: so does the resumed iterator.
-  index, source = tfds_builders.open_training_set(folder, config)
+  index, source = training_set.open_training_set(folder, config)
   with train_pipeline.make_train_iterator(index, config, seed=5, prepared=source,
                                           num_workers=1) as resumed:
     resumed.set_state(state)
@@ -106,7 +107,7 @@ def test_prepared_resume_gives_the_same_batches(prepared_setup):
 def test_prepared_randaugment_keeps_order_and_labels(prepared_setup):
   config, index, folder = prepared_setup
   config = _config(config.data.root, config.data.cache_dir, augment='randaugment')
-  prepared_index, source = tfds_builders.open_training_set(folder, config)
+  prepared_index, source = training_set.open_training_set(folder, config)
   original = _batches(index, config, 2)
   from_prepared = _batches(prepared_index, config, 2, prepared=source)
   for a, b in zip(original, from_prepared):
@@ -119,7 +120,7 @@ def test_prepared_randaugment_keeps_order_and_labels(prepared_setup):
 
 def test_source_of_another_index_is_refused(prepared_setup, synthetic_root, tmp_path):
   config, _, folder = prepared_setup
-  _, source = tfds_builders.open_training_set(folder, config)
+  _, source = training_set.open_training_set(folder, config)
   smaller = gsv_cities.build_place_index(os.path.join(str(synthetic_root), 'gsv_cities'),
                                          'gsv_cities', _CITIES[:1], 4,
                                          cache_dir=str(tmp_path / 'cache'))
@@ -134,7 +135,7 @@ def test_training_reads_the_prepared_folder(prepared_setup):
                    prepared_dir=os.path.relpath(folder, config.data.root),
                    train_dir='does_not_exist', val_datasets=('synthetic_val',))
   seen_index, source = setup.load_training_places(config, config.data.root)
-  assert isinstance(source, tfds_builders.TrainingSource)
+  assert isinstance(source, training_set.TrainingSource)
   assert os.path.samefile(source.directory, folder)
   np.testing.assert_array_equal(seen_index.place_ids, index.place_ids)
   assert seen_index.fingerprint.startswith('tfds-')
@@ -144,5 +145,5 @@ def test_training_refuses_a_dataset_built_for_other_cities(prepared_setup):
   config, _, folder = prepared_setup
   config = _config(config.data.root, config.data.cache_dir, prepared_dir=folder,
                    cities=tuple(reversed(_CITIES)))
-  with pytest.raises(tfds_builders.BuiltDatasetError, match='data.cities'):
+  with pytest.raises(records.BuiltDatasetError, match='data.cities'):
     setup.load_training_places(config, config.data.root)

@@ -132,8 +132,8 @@ def test_resume_reproduces_uninterrupted_run(synthetic_root, tmp_path):
 
 def _bad_label_of_second_batch(config):
   """A place id in the second training batch, not in the first and not in the fourth."""
-  from vpr_jax.data import gsv_cities  # pylint: disable=g-import-not-at-top
-  from vpr_jax.data import train_pipeline  # pylint: disable=g-import-not-at-top
+  from vpr_jax.data.training import gsv_cities  # pylint: disable=g-import-not-at-top
+  from vpr_jax.data.training import train_pipeline  # pylint: disable=g-import-not-at-top
   index = gsv_cities.build_place_index(
       os.path.join(config.data.root, config.data.train_dir), config.data.train_layout,
       config.data.cities, config.data.min_img_per_place, cache_dir=config.data.cache_dir)

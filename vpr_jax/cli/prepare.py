@@ -9,7 +9,7 @@ r"""Prepares the training images once: a TFDS dataset of resized JPEGs with thei
 
 Reads the training places of the config (data.train_dir, data.train_layout, data.cities,
 data.min_img_per_place), builds them as a `vpr_training_set` TFDS dataset under --out (the TFDS
-data folder; layout and fields in `vpr_jax.data.tfds.tfds_builders`), reports images/s and prints, as
+data folder; layout and fields in `vpr_jax.data.tfds`), reports images/s and prints, as
 its last line, the folder of the built dataset (the one holding dataset_info.json, which
 `tfds.builder_from_directory` opens). Train from it with `--config.data.prepared_dir=<folder>`.
 The default size is the config's image_size, so the train transform's resize becomes a no-op.
@@ -36,7 +36,9 @@ from vpr_jax.data.evaluation import benchmarks
 from vpr_jax.data.training import gsv_cities
 from vpr_jax.data.imaging import images
 from vpr_jax.data import roots
-from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.tfds import benchmark_set
+from vpr_jax.data.tfds import records
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data.multiprocess import workers
 from vpr_jax.errors import ConfigError
 
@@ -123,7 +125,7 @@ def prepare_from_flags(argv) -> None:
   data_root = roots.resolve_data_root(
       FLAGS.data_root if FLAGS.data_root is not None else config.data.root)
   num_workers = workers.resolve_num_workers(FLAGS.num_workers, '--num_workers')
-  encoding = tfds_builders.ImageEncoding(image_size=image_size, short_side=short_side,
+  encoding = records.ImageEncoding(image_size=image_size, short_side=short_side,
                                          quality=FLAGS.quality, subsampling=FLAGS.subsampling)
   if FLAGS.benchmark:
     prepare_benchmarks(FLAGS.benchmark, data_root, out, encoding,
@@ -136,21 +138,21 @@ def prepare_from_flags(argv) -> None:
       rebuild=bool(config.data.rebuild_index))
   layout, cities = config.data.train_layout, tuple(config.data.cities)
   min_img_per_place = int(config.data.min_img_per_place)
-  name = tfds_builders.training_set_name(layout, cities, min_img_per_place, encoding)
-  folder = tfds_builders.training_set_folder(out, name)
+  name = training_set.training_set_name(layout, cities, min_img_per_place, encoding)
+  folder = training_set.training_set_folder(out, name)
   if os.path.isfile(os.path.join(folder, 'dataset_info.json')) and not FLAGS.overwrite:
-    tfds_builders.check_built_from(folder, index)
+    training_set.check_built_from(folder, index)
     print('Already built with these settings (--overwrite builds it again).', flush=True)
   else:
     print(f'Preparing {index.num_images} images of {index.num_places} places from {train_dir} '
           f'with {num_workers} workers.', flush=True)
     start = time.perf_counter()
-    folder = tfds_builders.build_training_set(
+    folder = training_set.build_training_set(
         train_dir, out, layout=layout, cities=cities, min_img_per_place=min_img_per_place,
         encoding=encoding, name=name, num_workers=num_workers,
         num_shards=-(-index.num_images // FLAGS.records_per_shard), overwrite=FLAGS.overwrite)
     seconds = time.perf_counter() - start
-    meta, _ = tfds_builders.read_npz(os.path.join(folder, tfds_builders.PLACE_INDEX_FILE))
+    meta, _ = records.read_npz(os.path.join(folder, training_set.PLACE_INDEX_FILE))
     print(f'Done: {index.num_images} images ({len(meta["bad_images"])} unreadable) in '
           f'{seconds:.1f} s, {index.num_images / seconds:.0f} images/s.', flush=True)
   # Last line: the built dataset, for --config.data.prepared_dir and tfds.builder_from_directory.
@@ -158,7 +160,7 @@ def prepare_from_flags(argv) -> None:
 
 
 def prepare_benchmarks(names: Sequence[str], data_root: str, out: str,
-                       encoding: tfds_builders.ImageEncoding, radius_m: float,
+                       encoding: records.ImageEncoding, radius_m: float,
                        num_workers: int) -> None:
   """Builds each benchmark of `names` under `out`; prints the built folders last, one a line.
 
@@ -173,20 +175,20 @@ def prepare_benchmarks(names: Sequence[str], data_root: str, out: str,
   split_dirs = [benchmarks.resolve_benchmark_dir(name, data_root) for name in names]
   folders = []
   for name, split_dir in zip(names, split_dirs):
-    config_name = tfds_builders.benchmark_name(split_dir, radius_m, encoding)
-    folder = tfds_builders.benchmark_folder(out, config_name)
+    config_name = benchmark_set.benchmark_name(split_dir, radius_m, encoding)
+    folder = benchmark_set.benchmark_folder(out, config_name)
     if os.path.isfile(os.path.join(folder, 'dataset_info.json')) and not FLAGS.overwrite:
       print(f'{name}: already built with these settings (--overwrite builds it again).',
             flush=True)
     else:
       print(f'{name}: building from {split_dir} with {num_workers} workers.', flush=True)
       start = time.perf_counter()
-      folder = tfds_builders.build_benchmark(split_dir, out, encoding=encoding,
+      folder = benchmark_set.build_benchmark(split_dir, out, encoding=encoding,
                                              radius_m=radius_m, name=config_name,
                                              num_workers=num_workers, overwrite=FLAGS.overwrite)
       seconds = time.perf_counter() - start
-      split, _ = tfds_builders.open_benchmark(folder)
-      meta, _ = tfds_builders.read_npz(os.path.join(folder, tfds_builders.BENCHMARK_FILE))
+      split, _ = benchmark_set.open_benchmark(folder)
+      meta, _ = records.read_npz(os.path.join(folder, benchmark_set.BENCHMARK_FILE))
       num_images = split.num_database + split.num_queries
       num_bad = sum(len(bad) for bad in meta['bad_images'].values())
       print(f'{name}: {num_images} images ({num_bad} unreadable) in {seconds:.1f} s, '

@@ -34,7 +34,7 @@ from vpr_jax.data.training import gsv_cities
 from vpr_jax.data.imaging import images
 from vpr_jax.data import roots
 from vpr_jax.data import synthetic
-from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data.training import train_pipeline
 from vpr_jax.data.multiprocess import workers
 from vpr_jax.errors import ConfigError
@@ -242,7 +242,7 @@ def load_training_places(config: ml_collections.ConfigDict, data_root: str):
   if config.data.prepared_dir:
     # Images resized once and re-encoded into a TFDS dataset (`python -m vpr_jax.prepare`):
     # same places and order.
-    return tfds_builders.open_training_set(
+    return training_set.open_training_set(
         roots.resolve_under(data_root, config.data.prepared_dir), config)
   index = gsv_cities.build_place_index(
       roots.resolve_under(data_root, config.data.train_dir), config.data.train_layout,

@@ -282,7 +282,7 @@ def decode_stored(data: bytes, name: str, min_size: Sequence[int] | None = None,
                   decoder: str = 'turbo', out: np.ndarray | None = None) -> np.ndarray:
   """`decode_rgb` of an image stored in prepared data, where empty bytes mark a bad source.
 
-  Prepared data (`vpr_jax.data.tfds.tfds_builders`) stores a source image that could not be decoded
+  Prepared data (`vpr_jax.data.tfds`) stores a source image that could not be decoded
   as empty bytes, so that reading it fails like reading the source would.
 
   Args:

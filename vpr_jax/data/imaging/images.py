@@ -13,7 +13,7 @@ JPEGs at a reduced (DCT) scale that is still at least the model's input size.
 calls `img.resize((W, H), Image.BILINEAR)`, which in PIL is an antialiased (support-scaled)
 bilinear filter, and returns the image untouched when it already has the target size.
 `resized_size` is torchvision's `Resize(int)` size rule (shorter side, aspect ratio kept), and
-`encode_jpeg` the JPEG encoding of prepared data (`vpr_jax.data.tfds.tfds_builders`).
+`encode_jpeg` the JPEG encoding of prepared data (`vpr_jax.data.tfds`).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Prepared data as TFDS datasets (training places, benchmark sets), built and read without TensorFlow."""
+"""Prepared data as TFDS datasets (training places, benchmark sets), built and read without TF."""

@@ -37,8 +37,8 @@ Checkpointing. `TrainIterator.get_state()` is a small JSON-serialisable dict (th
 the bad-image counters); `set_state()` on a fresh iterator continues with exactly the batches the
 uninterrupted run would have produced.
 
-Prepared data. With `prepared` (a `vpr_jax.data.tfds.tfds_builders.TrainingSource`, from
-`tfds_builders.open_training_set`, whose index is then the one passed in), the images are read
+Prepared data. With `prepared` (a `vpr_jax.data.tfds.training_set.TrainingSource`, from
+`training_set.open_training_set`, whose index is then the one passed in), the images are read
 from the built TFDS dataset instead of the original files: record i is flat image i of the index,
 so the order, the draws and the labels are those of a run on the originals, and only the pixels
 differ by the JPEG re-encoding (none of the resize work is left when the data was prepared at
@@ -544,8 +544,8 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
     process_count: number of processes sharing each global batch.
     num_workers: grain worker processes; None takes config.data.num_workers (-1: one per core, at
       most 16); 0 reads in this process.
-    prepared: a `tfds_builders.TrainingSource` holding the images of `index` (from
-      `tfds_builders.open_training_set`); None reads the original files.
+    prepared: a `training_set.TrainingSource` holding the images of `index` (from
+      `training_set.open_training_set`); None reads the original files.
 
   Returns:
     A TrainIterator yielding the batches described in the module doc.
@@ -573,7 +573,7 @@ def make_train_iterator(index: PlaceIndex, config, seed: int, process_index: int
     raise ValueError(f'The prepared data in {getattr(prepared, "directory", prepared)!r} holds '
                      f'{len(prepared)} images but the place index has {index.num_images}; pass '
                      'the index and the source of the same built dataset '
-                     '(tfds_builders.open_training_set).')
+                     '(training_set.open_training_set).')
 
   source = _EpochPlaceSource(index, seed, bool(data.shuffle_all), num_epochs, steps,
                              int(data.places_per_batch), places_local, process_index)

@@ -18,13 +18,15 @@ from vpr_jax.data.evaluation import benchmarks
 from vpr_jax.data.training import gsv_cities
 from vpr_jax.data.imaging import images
 from vpr_jax.data import synthetic
-from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.tfds import benchmark_set
+from vpr_jax.data.tfds import records
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data.training import train_pipeline
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CITIES = synthetic.DEFAULT_CITIES
 _SIZE = (24, 32)
-_ENCODING = tfds_builders.ImageEncoding(_SIZE)
+_ENCODING = records.ImageEncoding(_SIZE)
 _TRAIN_DIRS = {'gsv_cities': 'gsv_cities', 'gsv_xs': 'gsv_xs'}
 
 
@@ -48,7 +50,7 @@ def built(synthetic_root, tmp_path_factory):
   data_dir = tmp_path_factory.mktemp('tfds')
   folders = {}
   for layout, workers in (('gsv_cities', 2), ('gsv_xs', 0)):
-    folders[layout] = tfds_builders.build_training_set(
+    folders[layout] = training_set.build_training_set(
         os.path.join(str(synthetic_root), _TRAIN_DIRS[layout]), str(data_dir), layout=layout,
         cities=_CITIES, min_img_per_place=4, encoding=_ENCODING, num_workers=workers)
   return data_dir, folders
@@ -63,7 +65,7 @@ def test_training_set_holds_the_index_and_the_prepared_bytes(layout, built, synt
   train_dir = os.path.join(str(synthetic_root), _TRAIN_DIRS[layout])
   index = gsv_cities.build_place_index(train_dir, layout, _CITIES, 4,
                                        cache_dir=str(tmp_path / 'cache'))
-  loaded, source = tfds_builders.open_training_set(folder, _config(synthetic_root, layout))
+  loaded, source = training_set.open_training_set(folder, _config(synthetic_root, layout))
   for name in ('image_paths', 'image_dates', 'image_lats', 'place_offsets', 'place_ids',
                'place_cities'):
     np.testing.assert_array_equal(getattr(loaded, name), getattr(index, name), err_msg=name)
@@ -93,7 +95,7 @@ def test_training_set_holds_the_index_and_the_prepared_bytes(layout, built, synt
 def test_training_examples_carry_the_image_metadata(built, synthetic_root):
   """Place, city, position, date and heading agree with the CSV rows of GSV-Cities."""
   _, folders = built
-  index, source = tfds_builders.open_training_set(folders['gsv_cities'])
+  index, source = training_set.open_training_set(folders['gsv_cities'])
   rows = {}
   for city in _CITIES:
     with open(os.path.join(str(synthetic_root), 'gsv_cities', 'Dataframes', f'{city}.csv')) as f:
@@ -116,7 +118,7 @@ def test_training_examples_carry_the_image_metadata(built, synthetic_root):
 def test_source_is_picklable_and_feeds_grain_and_the_train_pipeline(built, synthetic_root):
   _, folders = built
   config = _config(synthetic_root)
-  index, source = tfds_builders.open_training_set(folders['gsv_cities'], config)
+  index, source = training_set.open_training_set(folders['gsv_cities'], config)
   clone = pickle.loads(pickle.dumps(source))
   assert clone[7] == source[7]
   dataset = grain.MapDataset.source(clone).map(len)
@@ -148,16 +150,16 @@ def test_undecodable_image_is_empty_and_named(tmp_path):
   broken = 5
   with open(index.image_path(broken), 'r+b') as f:
     f.truncate(40)
-  folder = tfds_builders.build_training_set(
+  folder = training_set.build_training_set(
       train_dir, str(tmp_path / 'tfds'), layout='gsv_cities', cities=_CITIES,
-      min_img_per_place=4, encoding=tfds_builders.ImageEncoding((16, 16)))
-  _, source = tfds_builders.open_training_set(folder)
+      min_img_per_place=4, encoding=records.ImageEncoding((16, 16)))
+  _, source = training_set.open_training_set(folder)
   assert source[broken] == b''
   with pytest.raises(errors.ImageDecodeError) as error:
     source.load_rgb(broken)
   assert index.image_path(broken) in str(error.value)
   assert source.load_array(broken + 1).shape == (16, 16, 3)
-  meta, _ = tfds_builders.read_npz(os.path.join(folder, tfds_builders.PLACE_INDEX_FILE))
+  meta, _ = records.read_npz(os.path.join(folder, training_set.PLACE_INDEX_FILE))
   assert [b['record'] for b in meta['bad_images']] == [broken]
 
 
@@ -170,8 +172,8 @@ def test_interrupted_build_leaves_nothing_and_overwrite_rebuilds(synthetic_root,
   train_dir = os.path.join(str(synthetic_root), 'gsv_cities')
   data_dir = tmp_path / 'tfds'
   kwargs = dict(layout='gsv_cities', cities=_CITIES, min_img_per_place=4,
-                encoding=tfds_builders.ImageEncoding((8, 8)))
-  encode = tfds_builders.ImageEncoding.__call__
+                encoding=records.ImageEncoding((8, 8)))
+  encode = records.ImageEncoding.__call__
   calls = []
 
   def fail_after_ten(self, path):
@@ -180,66 +182,66 @@ def test_interrupted_build_leaves_nothing_and_overwrite_rebuilds(synthetic_root,
       raise _Interrupt()
     return encode(self, path)
 
-  monkeypatch.setattr(tfds_builders.ImageEncoding, '__call__', fail_after_ten)
+  monkeypatch.setattr(records.ImageEncoding, '__call__', fail_after_ten)
   with pytest.raises(_Interrupt):
-    tfds_builders.build_training_set(train_dir, str(data_dir), **kwargs)
-  name = tfds_builders.training_set_name(**kwargs)
-  folder = tfds_builders.training_set_folder(str(data_dir), name)
+    training_set.build_training_set(train_dir, str(data_dir), **kwargs)
+  name = training_set.training_set_name(**kwargs)
+  folder = training_set.training_set_folder(str(data_dir), name)
   config_dir = os.path.dirname(folder)
   # The dataset appears complete or not at all (no partial folder is left either).
   assert not os.path.exists(folder)
   assert not os.path.isdir(config_dir) or os.listdir(config_dir) == []
-  monkeypatch.setattr(tfds_builders.ImageEncoding, '__call__', encode)
-  assert tfds_builders.build_training_set(train_dir, str(data_dir), **kwargs) == folder
+  monkeypatch.setattr(records.ImageEncoding, '__call__', encode)
+  assert training_set.build_training_set(train_dir, str(data_dir), **kwargs) == folder
   info = os.path.join(folder, 'dataset_info.json')
   mtime = os.stat(info).st_mtime_ns
   # Built already: reused as it is; with overwrite, built again.
-  assert tfds_builders.build_training_set(train_dir, str(data_dir), **kwargs) == folder
+  assert training_set.build_training_set(train_dir, str(data_dir), **kwargs) == folder
   assert os.stat(info).st_mtime_ns == mtime
-  tfds_builders.build_training_set(train_dir, str(data_dir), overwrite=True, **kwargs)
+  training_set.build_training_set(train_dir, str(data_dir), overwrite=True, **kwargs)
   assert os.stat(info).st_mtime_ns != mtime
   index = gsv_cities.build_place_index(train_dir, 'gsv_cities', _CITIES, 4,
                                        cache_dir=str(tmp_path / 'cache'))
-  assert len(tfds_builders.open_training_set(folder)[1]) == index.num_images
+  assert len(training_set.open_training_set(folder)[1]) == index.num_images
 
 
 def test_bad_encodings_are_refused():
   with pytest.raises(ValueError, match='not both'):
-    tfds_builders.ImageEncoding((8, 8), short_side=8)
+    records.ImageEncoding((8, 8), short_side=8)
   with pytest.raises(ValueError, match='quality'):
-    tfds_builders.ImageEncoding((8, 8), quality=0)
+    records.ImageEncoding((8, 8), quality=0)
   with pytest.raises(ValueError, match='subsampling'):
-    tfds_builders.ImageEncoding(short_side=8, subsampling='4:1:1')
+    records.ImageEncoding(short_side=8, subsampling='4:1:1')
   with pytest.raises(ValueError, match='image_size'):
-    tfds_builders.ImageEncoding((8, 0))
+    records.ImageEncoding((8, 0))
 
 
 def test_config_mismatch_and_missing_folders_are_refused(built, synthetic_root, tmp_path):
   _, folders = built
   config = _config(synthetic_root)
   config.data.min_img_per_place = 3
-  with pytest.raises(tfds_builders.BuiltDatasetError, match='min_img_per_place is 3'):
-    tfds_builders.open_training_set(folders['gsv_cities'], config)
+  with pytest.raises(records.BuiltDatasetError, match='min_img_per_place is 3'):
+    training_set.open_training_set(folders['gsv_cities'], config)
   config = _config(synthetic_root)
   config.data.cities = tuple(reversed(_CITIES))
-  with pytest.raises(tfds_builders.BuiltDatasetError, match='data.cities is'):
-    tfds_builders.open_training_set(folders['gsv_cities'], config)
+  with pytest.raises(records.BuiltDatasetError, match='data.cities is'):
+    training_set.open_training_set(folders['gsv_cities'], config)
   config = _config(synthetic_root, 'gsv_xs')
-  with pytest.raises(tfds_builders.BuiltDatasetError, match="data.train_layout is 'gsv_xs'"):
-    tfds_builders.open_training_set(folders['gsv_cities'], config)
-  with pytest.raises(tfds_builders.BuiltDatasetError, match='no dataset_info.json'):
-    tfds_builders.open_training_set(str(tmp_path))
-  with pytest.raises(tfds_builders.BuiltDatasetError, match='does not exist'):
-    tfds_builders.build_training_set(str(tmp_path / 'absent'), str(tmp_path / 'tfds'),
+  with pytest.raises(records.BuiltDatasetError, match="data.train_layout is 'gsv_xs'"):
+    training_set.open_training_set(folders['gsv_cities'], config)
+  with pytest.raises(records.BuiltDatasetError, match='no dataset_info.json'):
+    training_set.open_training_set(str(tmp_path))
+  with pytest.raises(records.BuiltDatasetError, match='does not exist'):
+    training_set.build_training_set(str(tmp_path / 'absent'), str(tmp_path / 'tfds'),
                                      layout='gsv_cities', cities=_CITIES, min_img_per_place=4,
                                      encoding=_ENCODING)
 
 
 def test_benchmark_round_trip(synthetic_root, tmp_path):
   split_dir = os.path.join(str(synthetic_root), 'synthetic_val')
-  folder = tfds_builders.build_benchmark(split_dir, str(tmp_path / 'tfds'))
+  folder = benchmark_set.build_benchmark(split_dir, str(tmp_path / 'tfds'))
   expected = benchmarks.load_benchmark(split_dir, use_cache=False)
-  split, sources = tfds_builders.open_benchmark(folder)
+  split, sources = benchmark_set.open_benchmark(folder)
   assert split.database_paths == expected.database_paths
   assert split.queries_paths == expected.queries_paths
   np.testing.assert_array_equal(split.database_utm, expected.database_utm)
@@ -259,10 +261,10 @@ def test_benchmark_round_trip(synthetic_root, tmp_path):
     if name == 'queries':
       np.testing.assert_array_equal(source.example(0)['positives'], expected.positives[0])
 
-  resized = tfds_builders.build_benchmark(split_dir, str(tmp_path / 'tfds'),
-                                          encoding=tfds_builders.ImageEncoding((16, 20)))
+  resized = benchmark_set.build_benchmark(split_dir, str(tmp_path / 'tfds'),
+                                          encoding=records.ImageEncoding((16, 20)))
   assert resized != folder
-  _, resized_sources = tfds_builders.open_benchmark(resized)
+  _, resized_sources = benchmark_set.open_benchmark(resized)
   assert resized_sources['queries'].load_array(0).shape == (16, 20, 3)
 
 
@@ -271,17 +273,19 @@ import os, sys
 from vpr_jax.cli import prepare  # The command that builds, and training that reads.
 from vpr_jax.configs import default
 from vpr_jax.data import synthetic
-from vpr_jax.data.tfds import tfds_builders
+from vpr_jax.data.tfds import benchmark_set
+from vpr_jax.data.tfds import records
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data.training import train_pipeline
 from vpr_jax.training import setup
 root, data_dir = sys.argv[1], sys.argv[2]
 synthetic.make_synthetic_dataset(root, seed=0, num_train_places=6, images_per_place=4,
                                  num_eval_places=3, image_size=(20, 24))
-folder = tfds_builders.build_training_set(
+folder = training_set.build_training_set(
     os.path.join(root, 'gsv_cities'), data_dir, layout='gsv_cities',
     cities=synthetic.DEFAULT_CITIES, min_img_per_place=4,
-    encoding=tfds_builders.ImageEncoding((16, 16)))
-index, source = tfds_builders.open_training_set(folder)
+    encoding=records.ImageEncoding((16, 16)))
+index, source = training_set.open_training_set(folder)
 assert source.load_array(0).shape == (16, 16, 3)
 config = default.get_config()
 config.image_size = (16, 16)
@@ -292,8 +296,8 @@ index, source = setup.load_training_places(config, root)
 with train_pipeline.make_train_iterator(index, config, seed=0, num_workers=0,
                                         prepared=source) as it:
   assert next(it)['images'].shape == (2, 4, 16, 16, 3)
-bench = tfds_builders.build_benchmark(os.path.join(root, 'synthetic_val'), data_dir)
-split, sources = tfds_builders.open_benchmark(bench)
+bench = benchmark_set.build_benchmark(os.path.join(root, 'synthetic_val'), data_dir)
+split, sources = benchmark_set.open_benchmark(bench)
 assert sources['queries'].load_array(0).ndim == 3
 print('tensorflow imported:', 'tensorflow' in sys.modules)
 """
@@ -319,7 +323,7 @@ def test_registered_builders_build_by_name(synthetic_root, tmp_path):
       manual_dir=os.path.join(str(synthetic_root), 'synthetic_test')))
   queries = tfds.data_source('vpr_benchmark/resized_224', split='queries', data_dir=data_dir,
                              decoders={'image': tfds.decode.SkipDecoding()})
-  _, sources = tfds_builders.open_benchmark(os.fspath(builder.data_dir))
+  _, sources = benchmark_set.open_benchmark(os.fspath(builder.data_dir))
   assert len(queries) == len(sources['queries'])
   assert queries[0]['image'] == sources['queries'][0]
   assert sources['queries'].load_array(0).shape == (224, 224, 3)
@@ -331,11 +335,11 @@ def test_a_build_from_other_files_is_not_reused(tmp_path):
                                  image_size=(20, 24), layouts=('gsv_cities',))
   train_dir = str(root / 'gsv_cities')
   kwargs = dict(layout='gsv_cities', cities=_CITIES, min_img_per_place=4,
-                encoding=tfds_builders.ImageEncoding((8, 8)))
-  folder = tfds_builders.build_training_set(train_dir, str(tmp_path / 'tfds'), **kwargs)
+                encoding=records.ImageEncoding((8, 8)))
+  folder = training_set.build_training_set(train_dir, str(tmp_path / 'tfds'), **kwargs)
   index = gsv_cities.build_place_index(train_dir, 'gsv_cities', _CITIES, 4,
                                        cache_dir=str(tmp_path / 'cache'))
-  tfds_builders.check_built_from(folder, index)
+  training_set.check_built_from(folder, index)
   # Other places in the same layout, built with the same settings into the same data folder.
   other_root = tmp_path / 'other'
   synthetic.make_training_places(str(other_root), seed=2, num_train_places=3, images_per_place=5,
@@ -343,11 +347,11 @@ def test_a_build_from_other_files_is_not_reused(tmp_path):
   other_dir = str(other_root / 'gsv_cities')
   other = gsv_cities.build_place_index(other_dir, 'gsv_cities', _CITIES, 4,
                                        cache_dir=str(tmp_path / 'cache'))
-  with pytest.raises(tfds_builders.BuiltDatasetError, match='built from other files'):
-    tfds_builders.check_built_from(folder, other)
-  with pytest.raises(tfds_builders.BuiltDatasetError, match='built from other files'):
-    tfds_builders.build_training_set(other_dir, str(tmp_path / 'tfds'), **kwargs)
-  rebuilt = tfds_builders.build_training_set(other_dir, str(tmp_path / 'tfds'), overwrite=True,
+  with pytest.raises(records.BuiltDatasetError, match='built from other files'):
+    training_set.check_built_from(folder, other)
+  with pytest.raises(records.BuiltDatasetError, match='built from other files'):
+    training_set.build_training_set(other_dir, str(tmp_path / 'tfds'), **kwargs)
+  rebuilt = training_set.build_training_set(other_dir, str(tmp_path / 'tfds'), overwrite=True,
                                              **kwargs)
   assert rebuilt == folder
-  assert len(tfds_builders.open_training_set(rebuilt)[1]) == other.num_images != index.num_images
+  assert len(training_set.open_training_set(rebuilt)[1]) == other.num_images != index.num_images
