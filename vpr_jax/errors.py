@@ -141,5 +141,9 @@ class CoordinatesFileError(UserError, ValueError):
   """The coordinates CSV is missing or malformed."""
 
 
+class HlocFormatError(UserError, ValueError):
+  """Something cannot be written in hloc's retrieval files (e.g. an image name with a space)."""
+
+
 class FaissIndexError(UserError, ValueError):
   """The FAISS index asked for cannot be built (bad factory string, too few images to train)."""

@@ -54,6 +54,32 @@ def atomic_open(path: PathLike, binary: bool = False, fsync: bool = True) -> Ite
     raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[str]:
+  """A temporary path beside `path`, for libraries that open files by name (h5py, ...).
+
+  Args:
+    path: the file to write. Its folder is created if missing.
+
+  Yields:
+    The temporary path (an empty file with the umask's permissions). When the block ends without
+    error it replaces `path`; on an exception it is removed and `path` is left as it was.
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+  os.close(fd)
+  try:
+    os.chmod(tmp, 0o666 & ~_current_umask())
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
 def atomic_write(path: PathLike, data: Union[str, bytes, Callable[[IO[Any]], None]],
                  binary: bool = False) -> None:
   """Writes `data` (text, bytes, or a function that writes into the open file) to `path` atomically.

@@ -22,15 +22,15 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
   """Defines the flags; only when run as a program, as other entry points define the same names."""
-  flags.DEFINE_string('checkpoint', None, 'Training workdir, its checkpoints/ folder or a converted '
-                      'checkpoint (the best step by validation R@1, else the latest).')
+  flags.DEFINE_string('checkpoint', None, 'Training workdir, its checkpoints/ folder or a '
+                      'converted checkpoint (the best step by validation R@1, else the latest).')
   flags.DEFINE_string('out', None, 'File to write (.ckpt, .pth, .safetensors); FILE.json is '
                       'written beside it.')
   flags.DEFINE_enum('format', None, exporter.FORMATS, 'lightning: {"state_dict": ...} of '
                     'gsv-cities / MixVPR; pth: the same state dict bare; salad: SALAD\'s '
-                    'dino_salad.ckpt layout; boq: BoQ\'s released layout; safetensors: the model\'s '
-                    'own layout as safetensors. Default: lightning for the ResNet family, salad for '
-                    'SALAD, boq for BoQ.')
+                    'dino_salad.ckpt layout; boq: BoQ\'s released layout; safetensors: the '
+                    'model\'s own layout as safetensors. Default: lightning for the ResNet '
+                    'family, salad for SALAD, boq for BoQ.')
   flags.DEFINE_integer('step', None, 'A particular step of a training run (default: the best).')
   flags.DEFINE_bool('overwrite', False, 'Replace an earlier export at --out (any other file there '
                     'is refused).')

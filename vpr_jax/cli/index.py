@@ -8,6 +8,10 @@ written with its coordinates (from --coordinates, from benchmark-style '@' names
 GPS tags) and a FAISS index into --out (layout in `vpr_jax.localization.store`). Rerunning the
 command embeds only new or changed images and drops removed ones; an interrupted run resumes where
 it stopped. Dashed flag spellings (`--fast-decode`, `--no-exif-transpose`) are accepted.
+
+`--hloc-features DB.h5` also writes the database's descriptors as hloc's extract_features writes
+them (one group per image name relative to --images, dataset `global_descriptor`, float16 with
+--half), for hloc's pairs_from_retrieval (`vpr_jax.localization.hloc`).
 """
 
 from absl import app
@@ -16,6 +20,7 @@ from absl import flags
 from vpr_jax.cli import common
 from vpr_jax.localization import build
 from vpr_jax.localization import faiss_index
+from vpr_jax.localization import hloc
 
 FLAGS = flags.FLAGS
 
@@ -43,6 +48,8 @@ def _define_flags():
   flags.DEFINE_integer('num_workers', 0, 'Image decoding worker processes (-1: one per core).')
   flags.DEFINE_integer('part_size', build.DEFAULT_PART_SIZE,
                        'Images embedded between two saves of the work done (resumable parts).')
+  flags.DEFINE_string('hloc_features', None, 'Also write the database descriptors as hloc\'s '
+                      'global features file (.h5) for hloc\'s pairs_from_retrieval.')
   flags.mark_flags_as_required(['checkpoint', 'images', 'out'])
 
 
@@ -50,8 +57,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   common.report_user_errors(
-      build.build_index, FLAGS.checkpoint, FLAGS.images, FLAGS.out, half=FLAGS.half,
-      faiss_factory=FLAGS.faiss, coordinates=FLAGS.coordinates,
+      hloc.build_index_and_features, FLAGS.hloc_features, FLAGS.checkpoint, FLAGS.images,
+      FLAGS.out, half=FLAGS.half, faiss_factory=FLAGS.faiss, coordinates=FLAGS.coordinates,
       exif_transpose=FLAGS.exif_transpose, fast_decode=FLAGS.fast_decode,
       batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, part_size=FLAGS.part_size,
       nprobe=FLAGS.nprobe)

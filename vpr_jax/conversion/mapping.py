@@ -155,7 +155,8 @@ def family_checkpoint_to_flax(state_dict: Mapping[str, Any], config: ml_collecti
   h, w = config.image_size
   expected = _abstract_variables(model, jnp.zeros((1, int(h), int(w), 3), jnp.uint8))
   family_keys = transformer_mapping.CheckpointKeys('family')
-  return _convert(state_dict, expected, lambda collection, path, name: family_keys(collection, path),
+  return _convert(state_dict, expected,
+                  lambda collection, path, name: family_keys(collection, path),
                   lambda key: False, source)
 
 

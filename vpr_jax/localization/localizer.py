@@ -182,7 +182,13 @@ class Localizer:
       return []
     if top_k < 1:
       raise ValueError(f'top_k must be positive, got {top_k}.')
-    distances, rows = self.search(self.embed(photos, exif_transpose, fast_decode), top_k)
+    return self.localize_descriptors(photos, self.embed(photos, exif_transpose, fast_decode),
+                                     top_k)
+
+  def localize_descriptors(self, photos: Sequence[str | np.ndarray], descriptors: np.ndarray,
+                           top_k: int = 5) -> list[Localization]:
+    """`localize` of photos already embedded (`embed`): one `Localization` per photo."""
+    distances, rows = self.search(descriptors, top_k)
     results = []
     for q, photo in enumerate(photos):
       name = f'<array {q}>' if isinstance(photo, np.ndarray) else os.fspath(photo)
