@@ -314,7 +314,7 @@ def sidecar(config: ml_collections.ConfigDict, out: str, export_format: str, lay
       'load': _load_call(export_format).replace('FILE', repr(os.path.basename(out))),
       'tensors': int(num_tensors),
       'dtype': 'float32 (num_batches_tracked: int64)',
-      'source_checkpoint': os.path.abspath(checkpoint),
+      'source_checkpoint': os.fspath(checkpoint),  # As given: no local absolute path.
       'step': int(step),
       'num_batches_tracked': 'training steps of the checkpoint (0 for a converted checkpoint '
                              'and for BatchNorms with frozen statistics); torch reads it only '
@@ -357,15 +357,14 @@ def check_outputs(out: str, overwrite: bool) -> tuple[str, str]:
 
 def _writer(export_format: str, state_dict: dict[str, np.ndarray], layout: str):
   """A function that writes the file's bytes into an open binary file."""
-  ordered = dict(state_dict)
   if export_format == 'safetensors':
     # np.array, not np.ascontiguousarray, which turns 0-d values (SALAD's dust_bin) into 1-d.
-    tensors = {k: np.array(v, order='C') for k, v in ordered.items()}
+    tensors = {k: np.array(v, order='C') for k, v in state_dict.items()}
     data = safetensors.numpy.save(tensors, metadata={'format': 'pt', 'layout': layout,
                                                      'written_by': WRITTEN_BY})
     return lambda f: f.write(data)
   # torch's state dicts are OrderedDicts; torch.load gives one back as such.
-  obj = collections.OrderedDict(ordered)
+  obj = collections.OrderedDict(state_dict)
   if export_format == 'lightning':
     obj = {'state_dict': obj}
   return lambda f: torch_writer.save(obj, f)
