@@ -9,14 +9,11 @@ expects, and `present: N database + M queries` or `missing:` with what was looke
 listings, and nothing is written. `python -m vpr_jax.eval --list_datasets` prints the same.
 """
 
-from typing import Callable, Optional
-
 from absl import app
 from absl import flags
 
 from vpr_jax.cli import common
 from vpr_jax.data.evaluation import catalog
-from vpr_jax.data.evaluation import registry
 
 _DATA_ROOT = flags.DEFINE_string(
     'data_root', '', 'Root of the datasets. Default: $VPR_DATA_ROOT.')
@@ -25,33 +22,11 @@ _GROUND_TRUTH_DIR = flags.DEFINE_string(
     'files), absolute or under the data root. Default: <data root>/ground_truth.')
 
 
-def _expects(spec: registry.BenchmarkSpec, folder: str) -> str:
-  if spec.kind == registry.FOLDERS:
-    return f'{folder}/{{{spec.database},{spec.queries}}}'
-  return f'{folder} + {spec.prefix}_{{{",".join(spec.list_kinds())}}}.npy'
-
-
-def list_datasets(data_root: str = '', ground_truth_dir: Optional[str] = None,
-                  print_fn: Callable[[str], None] = print) -> list[catalog.Availability]:
-  """Prints (and returns) the availability of every registered benchmark."""
-  rows = catalog.describe_all(data_root, ground_truth_dir)
-  width = max(len(name) for name in registry.names())
-  for row in rows:
-    spec = registry.REGISTRY[row.name]
-    kind = 'folders' if spec.kind == registry.FOLDERS else 'lists'
-    status = f'present: {row.detail}' if row.present else f'missing: {row.detail}'
-    print_fn(f'{row.name:<{width}}  {kind:<7}  {_expects(spec, row.folder)}  {status}')
-  for group, members in registry.GROUPS.items():
-    print_fn(f'group {group}: {", ".join(members)}')
-  print_fn(f'group {registry.ALL_AVAILABLE}: every set above that is present '
-           f'({sum(r.present for r in rows)} of {len(rows)})')
-  return rows
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  common.report_user_errors(list_datasets, _DATA_ROOT.value, _GROUND_TRUTH_DIR.value or None)
+  common.report_user_errors(catalog.list_datasets, _DATA_ROOT.value,
+                            _GROUND_TRUTH_DIR.value or None)
 
 
 def run():

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from vpr_jax import config_fields
 from vpr_jax.cli import common
-from vpr_jax.cli import datasets
+from vpr_jax.data.evaluation import catalog
 from vpr_jax.evaluation import evaluate
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -66,7 +66,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _LIST_DATASETS.value:
-    common.report_user_errors(datasets.list_datasets, _DATA_ROOT.value,
+    common.report_user_errors(catalog.list_datasets, _DATA_ROOT.value,
                               _GROUND_TRUTH_DIR.value or None)
     return
   if _CONFIG.value is not None:

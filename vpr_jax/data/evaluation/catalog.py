@@ -183,3 +183,26 @@ def load_benchmarks(entries: Sequence[str], data_root: str | None, radius_m: flo
       sets.append(benchmarks.load_benchmark(name, data_root, radius_m=radius_m,
                                             ground_truth_dir=ground_truth_dir))
   return sets
+
+
+def _expects(spec: registry.BenchmarkSpec, folder: str) -> str:
+  if spec.kind == registry.FOLDERS:
+    return f'{folder}/{{{spec.database},{spec.queries}}}'
+  return f'{folder} + {spec.prefix}_{{{",".join(spec.list_kinds())}}}.npy'
+
+
+def list_datasets(data_root: str = '', ground_truth_dir: str | None = None,
+                  print_fn: Callable[[str], None] = print) -> list[Availability]:
+  """Prints (and returns) the availability of every registered benchmark."""
+  rows = describe_all(data_root, ground_truth_dir)
+  width = max(len(name) for name in registry.names())
+  for row in rows:
+    spec = registry.REGISTRY[row.name]
+    kind = 'folders' if spec.kind == registry.FOLDERS else 'lists'
+    status = f'present: {row.detail}' if row.present else f'missing: {row.detail}'
+    print_fn(f'{row.name:<{width}}  {kind:<7}  {_expects(spec, row.folder)}  {status}')
+  for group, members in registry.GROUPS.items():
+    print_fn(f'group {group}: {", ".join(members)}')
+  print_fn(f'group {registry.ALL_AVAILABLE}: every set above that is present '
+           f'({sum(r.present for r in rows)} of {len(rows)})')
+  return rows
