@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests import test_training
 from vpr_jax import errors
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.configs import default
@@ -31,6 +32,7 @@ from vpr_jax.data.tfds import records
 from vpr_jax.evaluation import evaluate
 from vpr_jax.evaluation import search
 from vpr_jax.models import vpr_model
+from vpr_jax.training import setup
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAMILY_LISTS = REPO_ROOT.parent / 'shared' / 'data' / 'family_lists'
@@ -504,3 +506,23 @@ def test_a_prepared_benchmark_gives_the_descriptors_of_its_folder(checkpoint, tm
                                                       folder.benchmark.positives))
   with pytest.raises(errors.BuiltDatasetError, match='built with positives within 25 m'):
     catalog.load_benchmarks([built['st_lucia']], root, 30.0)
+
+
+def test_training_validates_on_registered_family_sets(synthetic_root, tmp_path):
+  """data.val_datasets takes every registered name, as gsv-cities validates on msls_val."""
+  for name in ('gsv_cities', 'synthetic_val'):
+    os.symlink(synthetic_root / name, tmp_path / name)
+  _msls_root(tmp_path)
+  config = test_training.run_config(tmp_path, tmp_path / 'cache')
+  config.data.val_datasets = ('synthetic_val', 'msls_val')
+  run = setup.setup_run(config, str(tmp_path / 'run'))
+  try:
+    assert run.evaluator.names == ['synthetic_val', 'msls_val']
+    # Evaluator.run is evaluate_dataset, as in test_family_sets_evaluate_by_name_...
+    assert run.evaluator.benchmarks[1].num_queries == 8
+  finally:
+    run.close()
+  config.data.val_datasets = ('nordland',)
+  with pytest.raises(errors.DatasetNotFoundError, match='nordland'):
+    setup.setup_run(config, str(tmp_path / 'other'))
+  assert not (tmp_path / 'other').exists()
