@@ -326,11 +326,12 @@ def test_listing_names_every_set_its_folder_presence_and_size(tmp_path):
   (pitts_line,) = [line for line in lines if line.startswith('pitts30k_test ')]
   assert 'missing' in pitts_line and str(tmp_path / 'pittsburgh') in pitts_line
   assert 'pitts30k_test_gt.npy' in pitts_line
-  run = subprocess.run([sys.executable, '-m', 'vpr_jax.datasets', f'--data-root={tmp_path}'],
-                       capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
-                       env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-  assert run.returncode == 0, run.stderr[-2000:]
-  assert len(run.stdout.splitlines()) == len(registry.REGISTRY) + len(registry.GROUPS) + 1
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu')
+  for command in (['vpr_jax.datasets'], ['vpr_jax.eval', '--list_datasets']):
+    run = subprocess.run([sys.executable, '-m', *command, f'--data-root={tmp_path}'],
+                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == lines, command
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,7 +488,8 @@ def test_a_prepared_benchmark_gives_the_descriptors_of_its_folder(checkpoint, tm
   quiet = lambda line: None
   from_folders = evaluate.evaluate(checkpoint, ['msls_val', 'st_lucia'], root, print_fn=quiet)
   # A built folder given as --dataset, and names read through data.prepared_benchmarks.
-  from_built = evaluate.evaluate(checkpoint, [built['msls_val'], built['st_lucia']], root,
+  from_built = evaluate.evaluate(checkpoint, [built['msls_val'],
+                                             os.path.relpath(built['st_lucia'], root)], root,
                                  print_fn=quiet)
   config = orbax_states.load_for_eval(checkpoint)[0]
   config.data.prepared_benchmarks = (built['msls_val'], os.path.relpath(built['st_lucia'], root))
@@ -498,7 +500,7 @@ def test_a_prepared_benchmark_gives_the_descriptors_of_its_folder(checkpoint, tm
                                   print_fn=quiet)
   for folder, built_set, named in zip(from_folders, from_built, from_config):
     for other in (built_set, named):
-      assert other.benchmark.image_reader is not None and other.dataset == folder.dataset
+      assert other.benchmark.image_reader is not None and other.benchmark.name == folder.dataset
       np.testing.assert_array_equal(other.database_descriptors, folder.database_descriptors)
       np.testing.assert_array_equal(other.query_descriptors, folder.query_descriptors)
       assert other.recall == folder.recall

@@ -1,8 +1,8 @@
 """The library function of `python -m vpr_jax.eval`: a checkpoint on benchmark sets -> files.
 
-checkpoint -> `checkpoints.orbax_states.load_for_eval` (config + variables) -> for each set:
-`data.evaluation.catalog.load_benchmarks` -> `benchmark_eval.evaluate_dataset` -> the seed's table ->
-`outputs` (JSON, NPZ, CSV) and `visualize` (query sheets).
+checkpoint -> `checkpoints.orbax_states.load_for_eval` (config + variables) -> every set read by
+`data.evaluation.catalog.load_benchmarks` -> per set `benchmark_eval.evaluate_dataset` -> the
+seed's table -> `outputs` (JSON, NPZ, CSV) and `visualize` (query sheets).
 """
 
 import os

@@ -145,6 +145,17 @@ def prepared_by_name(prepared: Sequence[str], data_root: str | None) -> dict[str
   return by_name
 
 
+def _built_folder(entry: str, data_root: str | None) -> str | None:
+  """The built benchmark folder an entry names (as given, or under the data root), or None."""
+  candidates = [os.path.abspath(os.path.expanduser(entry))]
+  try:
+    candidates.append(os.path.abspath(roots.resolve_under(roots.resolve_data_root(data_root),
+                                                          entry)))
+  except DatasetNotFoundError:
+    pass
+  return next((c for c in candidates if benchmark_set.is_built_benchmark(c)), None)
+
+
 def _open_built(folder: str, entry: str, radius_m: float) -> benchmarks.BenchmarkSet:
   split, _ = benchmark_set.open_benchmark(folder)
   if split.radius_m is not None and float(split.radius_m) != float(radius_m):
@@ -175,10 +186,11 @@ def load_benchmarks(entries: Sequence[str], data_root: str | None, radius_m: flo
   by_name = prepared_by_name(prepared, data_root)
   sets = []
   for name in expand_names(entries, data_root, ground_truth_dir, print_fn):
+    built = None if registry.get(name) is not None else _built_folder(name, data_root)
     if name in by_name:
       sets.append(_open_built(by_name[name], name, radius_m))
-    elif registry.get(name) is None and benchmark_set.is_built_benchmark(name):
-      sets.append(_open_built(os.path.abspath(os.path.expanduser(name)), name, radius_m))
+    elif built is not None:
+      sets.append(_open_built(built, name, radius_m))
     else:
       sets.append(benchmarks.load_benchmark(name, data_root, radius_m=radius_m,
                                             ground_truth_dir=ground_truth_dir))
