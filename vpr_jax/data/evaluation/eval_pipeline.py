@@ -10,6 +10,9 @@ Worker processes (num_workers > 0) are spawned and only run this module's decode
 JAX computation happens in them. (grain itself imports the `jax` package on import, and spawned
 workers re-import the parent's `__main__` module; neither initialises a JAX backend.)
 
+With an `image_reader` (a prepared benchmark's records), image i is `image_reader(i)` instead of
+the file `root/paths[i]`, resized the same way.
+
 An entry of the path list may also be an image already in memory (a uint8 [H, W, 3] or [H, W]
 array): it is resized the same way (`images.resized_array_from_pixels`).
 

@@ -3,8 +3,11 @@
 `VprBenchmark` stores an evaluation set (`benchmarks.load_benchmark`), splits 'database' and
 'queries' in evaluation order, with UTM coordinates, source paths and, for queries, the
 positives; images as stored on disk unless a size is asked for. The table is stored too
-(`benchmark.npz`); `open_benchmark` gives it back with a record source per split. Shared
-machinery: `records`.
+(`benchmark.npz`); `open_benchmark` gives it back with a record source per split, and with an
+image reader (`BenchmarkImages`) that evaluation reads instead of the files (the stored files as
+they are decode to the same pixels, hence the same descriptors). A set loaded by registered name
+(the family's list files, a ground-truth folder) is handed to the builder whole and keeps its
+name. Shared machinery: `records`.
 """
 
 from __future__ import annotations
