@@ -290,6 +290,13 @@ def test_downloader_sets_by_name_with_25_m_positives(tmp_path):
     bench = benchmarks.load_benchmark(name, str(tmp_path), use_cache=False)
     assert all(p.startswith(prefix) for p in bench.queries_paths), name
     assert bench.num_queries == 4 and bench.num_database == 12
+  # Where the downloader's own scripts put a set: beside the list set's ref/ and query/.
+  _downloader_split(tmp_path / 'sped' / 'images' / 'test')
+  sped_vpr = benchmarks.load_benchmark('sped_vpr', str(tmp_path), use_cache=False)
+  assert sped_vpr.root == str(tmp_path / 'sped' / 'images' / 'test')
+  with pytest.raises(errors.DatasetNotFoundError, match=r"msls/images/val' nor .*msls/val' does "
+                     r"not exist"):
+    benchmarks.load_benchmark('msls', str(tmp_path))
   svox = benchmarks.load_benchmark('svox_night', str(tmp_path), use_cache=False)
   assert all(p.startswith('gallery/') for p in svox.database_paths)
   with pytest.raises(errors.DatasetNotFoundError, match='no queries_rain folder'):

@@ -168,10 +168,11 @@ def resolve_benchmark_dir(name_or_path: str, data_root: str | None = None) -> st
   spec = registry.get(name_or_path)
   if spec is not None:
     root = roots.resolve_data_root(data_root, hint=_registry_hint())
-    folder = os.path.join(root, spec.folder)
-    if not os.path.isdir(folder):
+    folder = find_spec_folder(spec, root)
+    if folder is None:
+      tried = ' nor '.join(repr(os.path.join(root, f)) for f in spec.folders())
       raise DatasetNotFoundError(
-          f'benchmark {name_or_path!r} not found: {folder!r} does not exist; '
+          f'benchmark {name_or_path!r} not found: {tried} does not exist; '
           f'{expected_layout(spec)}.')
     return folder
   path = os.path.expanduser(name_or_path)
@@ -194,6 +195,12 @@ def resolve_benchmark_dir(name_or_path: str, data_root: str | None = None) -> st
       f'benchmark {name_or_path!r} not found: it is not a registered name or group ({known}; '
       f'python -m vpr_jax.datasets lists them) and no folder exists at '
       f'{", ".join(map(repr, tried))}; {EXPECTED_LAYOUT}.')
+
+
+def find_spec_folder(spec: registry.BenchmarkSpec, root: str) -> str | None:
+  """The first of the spec's folders (`registry.BenchmarkSpec.folders`) that exists under root."""
+  return next((os.path.join(root, f) for f in spec.folders()
+               if os.path.isdir(os.path.join(root, f))), None)
 
 
 def resolve_ground_truth_dir(ground_truth_dir: str | None, data_root: str | None) -> str | None:

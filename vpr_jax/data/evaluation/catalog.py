@@ -53,14 +53,15 @@ def check_available(spec: registry.BenchmarkSpec, data_root: str | None,
     root = roots.resolve_data_root(data_root)
   except DatasetNotFoundError:
     return Availability(spec.name, f'<data root>/{spec.folder}', False, 'no data root is set')
-  folder = os.path.join(root, spec.folder)
+  folder = benchmarks.find_spec_folder(spec, root) or os.path.join(root, spec.folder)
   gt_dir = benchmarks.resolve_ground_truth_dir(ground_truth_dir, data_root)
   if not os.path.isdir(folder):
     looked = ''
     if spec.kind != registry.FOLDERS:
       looked = (f'; its lists {", ".join(spec.list_files())} are looked for there and in '
                 f'{os.path.join(gt_dir, spec.list_dir)}')
-    return Availability(spec.name, folder, False, f'{folder} does not exist{looked}')
+    tried = ' nor '.join(os.path.join(root, f) for f in spec.folders())
+    return Availability(spec.name, folder, False, f'{tried} does not exist{looked}')
   if spec.kind == registry.FOLDERS:
     missing = [sub for sub in (spec.database, spec.queries)
                if not os.path.isdir(os.path.join(folder, sub))]

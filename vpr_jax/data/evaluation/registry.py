@@ -44,6 +44,8 @@ class BenchmarkSpec:
     prefix: LISTS: the list files' prefix.
     origin: who distributes the images (and, for lists, the list files), for the README and the
       listing; nothing is ever downloaded.
+    also_at: other folders (relative to the data root) holding the same layout, used when
+      `folder` does not exist (e.g. where the downloader's own scripts put the set).
   """
   name: str
   kind: str
@@ -53,6 +55,11 @@ class BenchmarkSpec:
   list_dir: str = ''
   prefix: str = ''
   origin: str = ''
+  also_at: tuple[str, ...] = ()
+
+  def folders(self) -> tuple[str, ...]:
+    """`folder`, then the other places (`also_at`) where the set is found when `folder` is not."""
+    return (self.folder,) + tuple(self.also_at)
 
   def list_kinds(self) -> tuple[str, ...]:
     """The list files a LISTS / MSLS_LISTS set reads (`<prefix>_<kind>.npy`)."""
@@ -74,9 +81,10 @@ def _lists(name, folder, list_dir, prefix, origin=_VPR_BENCH, kind=LISTS):
   return BenchmarkSpec(name, kind, folder, list_dir=list_dir, prefix=prefix, origin=origin)
 
 
-def _downloader(name, folder=None, database='database', queries='queries', origin=_DOWNLOADER):
+def _downloader(name, folder=None, database='database', queries='queries', origin=_DOWNLOADER,
+                also_at=()):
   return BenchmarkSpec(name, FOLDERS, folder or f'{name}/images/test', database, queries,
-                       origin=origin)
+                       origin=origin, also_at=also_at)
 
 
 _SPECS = [
@@ -103,13 +111,15 @@ _SPECS = [
     # The VPR-datasets-downloader layout.
     _downloader('pitts30k'),
     _downloader('pitts250k'),
-    _downloader('msls', 'msls/images/val'),
+    # format_mapillary.py writes msls/val/ (and links msls/test to it).
+    _downloader('msls', 'msls/images/val', also_at=('msls/val',)),
     _downloader('st_lucia'),
     _downloader('tokyo247'),
-    _downloader('nordland_vpr'),
+    # The downloader names these nordland/ and sped/, beside the list sets' ref/ and query/.
+    _downloader('nordland_vpr', also_at=('nordland/images/test',)),
     _downloader('amstertime'),
     _downloader('eynsham'),
-    _downloader('sped_vpr'),
+    _downloader('sped_vpr', also_at=('sped/images/test',)),
     _downloader('sf_xl_val', 'sf_xl/processed/val', origin='CosPlace (SF-XL)'),
     _downloader('sf_xl_night', 'sf_xl/processed/test', queries='queries_night',
                 origin='EigenPlaces (SF-XL)'),
