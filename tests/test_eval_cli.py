@@ -13,6 +13,7 @@ import pytest
 
 from vpr_jax.checkpoints import orbax_states
 from tests import e2e
+from vpr_jax import errors
 from vpr_jax.cli import common
 from vpr_jax.cli import eval as eval_cli
 from vpr_jax.configs import default
@@ -158,13 +159,16 @@ def test_a_list_file_that_runs_code_is_refused_and_never_run(runs_dir, tmp_path)
   e2e.write_hostile_split(str(tmp_path / 'split'), str(marker))
   # The same file as a registered family set's ground truth.
   e2e.write_hostile_split(str(tmp_path / 'sped'), str(marker), prefix='SPED')
-  for dataset in (str(tmp_path / 'split'), 'sped'):
-    run = _eval_subprocess(runs_dir / 'run_a', dataset, tmp_path, tmp_path)
-    assert run.returncode == 1, (run.returncode, run.stdout[-2000:], run.stderr[-3000:])
-    assert 'Traceback' not in run.stderr, run.stderr[-3000:]
-    lines = [line for line in run.stderr.splitlines()
-             if line.strip() and not line.startswith(('I1', 'W1'))]
-    assert len(lines) == 1, run.stderr[-3000:]
-    assert lines[0].startswith('UnsafeArrayFileError: ') and '_gt.npy' in lines[0], lines[0]
-    assert 'system' in lines[0] and 'Performance on' not in run.stdout
-    assert not marker.exists()
+  run = _eval_subprocess(runs_dir / 'run_a', tmp_path / 'split', tmp_path, tmp_path)
+  assert run.returncode == 1, (run.returncode, run.stdout[-2000:], run.stderr[-3000:])
+  assert 'Traceback' not in run.stderr, run.stderr[-3000:]
+  lines = [line for line in run.stderr.splitlines()
+           if line.strip() and not line.startswith(('I1', 'W1'))]
+  assert len(lines) == 1, run.stderr[-3000:]
+  assert lines[0].startswith('UnsafeArrayFileError: ') and 'x_gt.npy' in lines[0], lines[0]
+  assert 'system' in lines[0] and 'Performance on' not in run.stdout
+  # The registered name takes the same path (in this process: the CLI layer is the same).
+  with pytest.raises(errors.UnsafeArrayFileError, match=r"SPED_gt\.npy' is refused"):
+    evaluate.evaluate(str(runs_dir / 'run_a'), ['sped'], str(tmp_path), num_workers=0,
+                      print_fn=lambda line: None)
+  assert not marker.exists()
