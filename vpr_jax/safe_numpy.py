@@ -27,7 +27,7 @@ import math
 import os
 import pickle
 import re
-from typing import IO, Any, Iterable
+from typing import IO, Iterable
 import zipfile
 
 import numpy as np
