@@ -148,9 +148,19 @@ def get_config():
   data.reuse_batch_memory = True
   # Skip undecodable training images, but stop when more than this fraction of reads failed.
   data.max_bad_image_fraction = 0.01
-  # Validation datasets (registered names or folders) and the positive radius in metres.
+  # Validation datasets and the positive radius in metres: registered names (python -m
+  # vpr_jax.datasets lists them; e.g. 'pitts30k_val', 'msls_val' as gsv-cities validates),
+  # groups ('family', 'all_available'), split folders or built benchmark folders.
   data.val_datasets = ('sf_xs_val',)
   data.positive_radius_m = 25.0
+  # The gsv-cities family's list files, in a folder laid out as gsv-cities' datasets/
+  # (Pittsburgh/pitts30k_test_gt.npy, SPED/SPED_gt.npy, ...); relative to data.root or absolute.
+  # '' = <data.root>/ground_truth. Lists inside a set's own image folder are found first.
+  data.ground_truth_dir = ''
+  # Benchmarks built with `python -m vpr_jax.prepare --benchmark` (the folders it prints,
+  # relative to data.root or absolute): a validation or --dataset name they were built from is
+  # read from the build instead of its folder.
+  data.prepared_benchmarks = ()
   # Images per evaluation batch (the last batch is padded and masked).
   data.eval_batch_size = 256
   # Evaluation resize: 'bilinear' (torchvision's Resize on PIL images, the family's and SALAD's)

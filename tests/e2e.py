@@ -15,6 +15,9 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
+from PIL import Image
+
 from vpr_jax.configs import demo
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,3 +249,33 @@ def assert_same_losses(got: Sequence[dict], expected: Sequence[dict], rtol: floa
                              atol=0)
   np.testing.assert_allclose([r['grad_norm'] for r in got], [r['grad_norm'] for r in expected],
                              rtol=rtol * 10, atol=0)
+
+
+class RunsCode:
+  """Pickles as a call of `os.system('touch MARKER')`: what a hostile list file holds."""
+
+  def __init__(self, marker: str):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+def write_hostile_split(split_dir: str, marker: str, prefix: str = 'x') -> None:
+  """A benchmark split folder whose `<prefix>_gt.npy` runs `touch marker` when unpickled.
+
+  Two database and one query image with '@' names, the lists naming them, and a ground truth
+  that is an object array holding a `RunsCode`: `np.load(..., allow_pickle=True)` would run it.
+  """
+  database = ['database/@0.00@0.00@10@S@37.0@-122.0@@.jpg',
+              'database/@100.00@0.00@10@S@37.0@-122.0@@.jpg']
+  queries = ['queries/@5.00@0.00@10@S@37.0@-122.0@@.jpg']
+  for i, relative in enumerate(database + queries):
+    path = os.path.join(split_dir, relative)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(path)
+  np.save(os.path.join(split_dir, f'{prefix}_dbImages.npy'), np.array(database))
+  np.save(os.path.join(split_dir, f'{prefix}_qImages.npy'), np.array(queries))
+  gt = np.empty(1, dtype=object)
+  gt[0] = RunsCode(marker)
+  np.save(os.path.join(split_dir, f'{prefix}_gt.npy'), gt, allow_pickle=True)

@@ -450,3 +450,15 @@ def test_cli_prints_one_line_error_without_traceback(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('DatasetNotFoundError: ') and f'{tmp_path}/sf_xs/val' in last, last
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_validation_list_that_runs_code_is_refused_and_never_run(data_copy, tmp_path):
+  marker = tmp_path / 'PWNED'
+  e2e.write_hostile_split(os.path.join(data_copy, 'synthetic', 'hostile'), str(marker))
+  workdir = tmp_path / 'run'
+  with pytest.raises(errors.UnsafeArrayFileError, match=r"x_gt\.npy' is refused: its pickle "
+                     r"names (posix|os)\.system"):
+    loop.train_and_evaluate(_config(data_copy, data__val_datasets=('synthetic/hostile',)),
+                            str(workdir))
+  assert not marker.exists()
+  assert not workdir.exists()

@@ -12,6 +12,8 @@ import pytest
 
 from vpr_jax import errors
 from vpr_jax.data.evaluation import benchmarks
+from vpr_jax.data.evaluation import positives_cache
+from vpr_jax.data.evaluation import registry
 from vpr_jax.data import roots
 from vpr_jax.data import synthetic
 
@@ -127,11 +129,11 @@ def test_queries_without_positives_are_counted(tmp_path):
 
 
 def test_registry_names():
-  assert benchmarks.REGISTRY['sf_xs_val'] == 'sf_xs/val'
-  assert benchmarks.REGISTRY['sf_xs_test'] == 'sf_xs/test'
-  assert benchmarks.REGISTRY['tokyo_xs'] == 'tokyo_xs/test'
-  assert benchmarks.REGISTRY['synthetic_val'] == 'synthetic_val'
-  assert benchmarks.REGISTRY['synthetic_test'] == 'synthetic_test'
+  assert registry.REGISTRY['sf_xs_val'].folder == 'sf_xs/val'
+  assert registry.REGISTRY['sf_xs_test'].folder == 'sf_xs/test'
+  assert registry.REGISTRY['tokyo_xs'].folder == 'tokyo_xs/test'
+  assert registry.REGISTRY['synthetic_val'].folder == 'synthetic_val'
+  assert registry.REGISTRY['synthetic_test'].folder == 'synthetic_test'
 
 
 def test_data_root_from_argument_then_environment(tmp_path, monkeypatch):
@@ -232,7 +234,7 @@ def test_cache_is_written_used_and_falls_back(tmp_path, monkeypatch):
   other = tmp_path / 'other'
   _touch_split(other, [f'database/{_name(0, 0)}'], [f'queries/{_name(1, 0)}'])
   (other / '.vpr_jax_cache').write_text('a file where the cache folder would go')
-  monkeypatch.setenv(benchmarks.CACHE_DIR_ENV, str(tmp_path / 'user_cache'))
+  monkeypatch.setenv(positives_cache.CACHE_DIR_ENV, str(tmp_path / 'user_cache'))
   benchmarks.load_benchmark(str(other))
   assert len(list((tmp_path / 'user_cache' / 'benchmarks').glob('positives_*.npz'))) == 1
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from vpr_jax.checkpoints import orbax_states
+from tests import e2e
+from vpr_jax import errors
 from vpr_jax.cli import common
 from vpr_jax.cli import eval as eval_cli
 from vpr_jax.configs import default
@@ -139,3 +141,34 @@ def test_evaluate_without_any_run_says_where_it_looked(monkeypatch, tmp_path):
   monkeypatch.setenv('VPR_RUNS_DIR', str(tmp_path / 'empty_runs'))
   with pytest.raises(FileNotFoundError, match='no run with a checkpoint under'):
     evaluate.evaluate(None, ['synthetic_val'])
+
+
+def _eval_subprocess(checkpoint, dataset, data_root, cwd, *extra):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env.pop('VPR_DATA_ROOT', None)
+  command = [sys.executable, '-m', 'vpr_jax.eval', f'--checkpoint={checkpoint}',
+             f'--dataset={dataset}', f'--data_root={data_root}', '--num_workers=0', *extra]
+  return subprocess.run(command, cwd=str(cwd), env=env, capture_output=True, text=True,
+                        timeout=240)
+
+
+def test_a_list_file_that_runs_code_is_refused_and_never_run(runs_dir, tmp_path):
+  """A split folder (or the family's ground-truth folder) whose *_gt.npy pickles os.system."""
+  marker = tmp_path / 'PWNED'
+  e2e.write_hostile_split(str(tmp_path / 'split'), str(marker))
+  # The same file as a registered family set's ground truth.
+  e2e.write_hostile_split(str(tmp_path / 'sped'), str(marker), prefix='SPED')
+  run = _eval_subprocess(runs_dir / 'run_a', tmp_path / 'split', tmp_path, tmp_path)
+  assert run.returncode == 1, (run.returncode, run.stdout[-2000:], run.stderr[-3000:])
+  assert 'Traceback' not in run.stderr, run.stderr[-3000:]
+  lines = [line for line in run.stderr.splitlines()
+           if line.strip() and not line.startswith(('I1', 'W1'))]
+  assert len(lines) == 1, run.stderr[-3000:]
+  assert lines[0].startswith('UnsafeArrayFileError: ') and 'x_gt.npy' in lines[0], lines[0]
+  assert 'system' in lines[0] and 'Performance on' not in run.stdout
+  # The registered name takes the same path (in this process: the CLI layer is the same).
+  with pytest.raises(errors.UnsafeArrayFileError, match=r"SPED_gt\.npy' is refused"):
+    evaluate.evaluate(str(runs_dir / 'run_a'), ['sped'], str(tmp_path), num_workers=0,
+                      print_fn=lambda line: None)
+  assert not marker.exists()

@@ -146,3 +146,14 @@ def test_builds_benchmarks_and_prints_their_folders(synthetic_root, tmp_path):
     assert sources['database'][0] == f.read()
   missing = _single_error_line(_run(tmp_path, synthetic_root, '--benchmark=nowhere', out=out))
   assert missing.startswith('DatasetNotFoundError: ') and 'nowhere' in missing, missing
+
+
+def test_a_list_file_that_runs_code_is_refused_and_never_run(tmp_path):
+  marker = tmp_path / 'PWNED'
+  split = tmp_path / 'split'
+  e2e.write_hostile_split(str(split), str(marker))
+  out = tmp_path / 'tfds'
+  line = _single_error_line(_run(tmp_path, tmp_path, f'--benchmark={split}', out=out))
+  assert line.startswith('UnsafeArrayFileError: ') and 'x_gt.npy' in line, line
+  assert not marker.exists()
+  assert not out.exists() or not any(out.rglob('dataset_info.json'))

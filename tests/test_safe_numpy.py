@@ -190,3 +190,16 @@ def test_npz_members_by_the_same_rules(tmp_path):
     safe_numpy.load_npz(tmp_path / 'bad.npz')
   with pytest.raises(ArrayFileError, match='does not exist'):
     safe_numpy.load_npz(tmp_path / 'missing.npz')
+
+
+def test_a_pickle_cannot_change_the_readers_stand_ins(tmp_path):
+  # BUILD on the numpy.ndarray stand-in: refused, and the next file reads as before.
+  path = tmp_path / 'x.npy'
+  with open(path, 'wb') as f:
+    npy_format.write_array_header_1_0(f, {'descr': '|O', 'fortran_order': False, 'shape': (1,)})
+    f.write(b'\x80\x03cnumpy\nndarray\n}X\x01\x00\x00\x00aK\x01sb.')
+  with pytest.raises(ArrayFileError, match='AttributeError') as info:
+    safe_numpy.load_npy(path)
+  assert type(info.value) is ArrayFileError  # the BUILD itself failed: nothing was set
+  np.save(path, _object_array([[1, 2]]), allow_pickle=True)
+  assert safe_numpy.load_npy(path)[0] == [1, 2]

@@ -34,7 +34,7 @@ class ArrayFileError(UserError, ValueError):
 
 
 class UnsafeArrayFileError(ArrayFileError):
-  """A `.npy` / `.npz` file holds a pickle that is not plain data (code, objects): refused, never run."""
+  """A `.npy` / `.npz` file's pickle holds more than plain data (code, objects): refused, not run."""
 
 
 class InvalidRadiusError(ConfigError):

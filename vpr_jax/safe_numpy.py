@@ -27,7 +27,7 @@ import math
 import os
 import pickle
 import re
-from typing import IO, Any, Iterable
+from typing import IO, Iterable
 import zipfile
 
 import numpy as np
@@ -49,7 +49,10 @@ class _Refused(Exception):
 
 
 class _Marker:
-  """The stand-in for `numpy.ndarray` (only ever an argument of `_reconstruct`); not callable."""
+  """The stand-in for `numpy.ndarray` (only ever an argument of `_reconstruct`); not callable,
+  and without attributes a pickle could set (no __dict__)."""
+
+  __slots__ = ()
 
 
 _NDARRAY = _Marker()
@@ -260,7 +263,7 @@ def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarra
   where = repr(path)
   try:
     with open(path, 'rb') as f:
-      shape, fortran, dtype = _read_header(f, where)
+      _, _, dtype = _read_header(f, where)
       if dtype.hasobject or mmap_mode is None:
         f.seek(0)
         return _read_array(f, where)
@@ -268,7 +271,7 @@ def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarra
     raise ArrayFileError(f'{where} does not exist.') from None
   except IsADirectoryError:
     raise ArrayFileError(f'{where} is a folder, not a .npy file.') from None
-  del shape, fortran
+  # A memory-mapped plain array: numpy maps it (never a pickle: allow_pickle=False).
   try:
     return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
   except (ValueError, EOFError, OSError) as e:

@@ -33,7 +33,8 @@ RESUMABLE_CONFIG_FIELDS = (
     'model.backbone_weights', 'model.dtype',
     'data.root', 'data.train_dir', 'data.cache_dir', 'data.rebuild_index', 'data.num_workers',
     'data.prefetch_buffer_size', 'data.max_bad_image_fraction', 'data.val_datasets',
-    'data.positive_radius_m', 'data.eval_batch_size',
+    'data.positive_radius_m', 'data.eval_batch_size', 'data.ground_truth_dir',
+    'data.prepared_benchmarks',
 )
 
 

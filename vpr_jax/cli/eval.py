@@ -20,14 +20,24 @@ from ml_collections import config_flags
 
 from vpr_jax import config_fields
 from vpr_jax.cli import common
+from vpr_jax.data.evaluation import catalog
 from vpr_jax.evaluation import evaluate
 
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', '', 'Checkpoint folder, training workdir or its checkpoints/ folder (the best '
     'checkpoint is used). Default: the most recent run under $VPR_RUNS_DIR or ./runs.')
 _DATASET = flags.DEFINE_list(
-    'dataset', [], 'Comma-separated benchmark names (e.g. sf_xs_val,sf_xs_test,tokyo_xs) or '
-    'folders holding database/ and queries/. Default: the config\'s validation sets.')
+    'dataset', [], 'Comma-separated benchmark names (e.g. msls_val,pitts30k_test,nordland,sped; '
+    '--list_datasets shows them all), groups (family, all_available), folders holding database/ '
+    'and queries/, or benchmark folders built by vpr_jax.prepare --benchmark. Default: the '
+    'config\'s validation sets.')
+_GROUND_TRUTH_DIR = flags.DEFINE_string(
+    'ground_truth_dir', '', 'Folder laid out as gsv-cities\' datasets/ (the family\'s list '
+    'files), absolute or under the data root. Default: config data.ground_truth_dir, then '
+    '<data root>/ground_truth.')
+_LIST_DATASETS = flags.DEFINE_bool(
+    'list_datasets', False, 'Print every registered benchmark (expected folder, present or not, '
+    'size) and exit.')
 _DATA_ROOT = flags.DEFINE_string(
     'data_root', '', 'Root of the datasets. Default: the config\'s data.root, then '
     '$VPR_DATA_ROOT.')
@@ -55,6 +65,10 @@ _VISUALIZE_DIR = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _LIST_DATASETS.value:
+    common.report_user_errors(catalog.list_datasets, _DATA_ROOT.value,
+                              _GROUND_TRUTH_DIR.value or None)
+    return
   if _CONFIG.value is not None:
     config_fields.split_comma_separated(_CONFIG.value)
   common.report_user_errors(
@@ -71,7 +85,8 @@ def main(argv):
       visualize=_VISUALIZE.value,
       only_failures=_ONLY_FAILURES.value,
       visualize_dir=_VISUALIZE_DIR.value,
-      visualize_k=_VISUALIZE_K.value)
+      visualize_k=_VISUALIZE_K.value,
+      ground_truth_dir=_GROUND_TRUTH_DIR.value or None)
 
 
 def run():

@@ -33,6 +33,7 @@ from vpr_jax import config_fields
 from vpr_jax import fileio
 from vpr_jax.cli import common
 from vpr_jax.data.evaluation import benchmarks
+from vpr_jax.data.evaluation import catalog
 from vpr_jax.data.training import gsv_cities
 from vpr_jax.data.imaging import images
 from vpr_jax.data import roots
@@ -129,7 +130,8 @@ def prepare_from_flags(argv) -> None:
                                          quality=FLAGS.quality, subsampling=FLAGS.subsampling)
   if FLAGS.benchmark:
     prepare_benchmarks(FLAGS.benchmark, data_root, out, encoding,
-                       float(config.data.positive_radius_m), num_workers)
+                       float(config.data.positive_radius_m), num_workers,
+                       config.data.get('ground_truth_dir', ''))
     return
   train_dir = roots.resolve_under(data_root, config.data.train_dir)
   index = gsv_cities.build_place_index(
@@ -161,21 +163,26 @@ def prepare_from_flags(argv) -> None:
 
 def prepare_benchmarks(names: Sequence[str], data_root: str, out: str,
                        encoding: records.ImageEncoding, radius_m: float,
-                       num_workers: int) -> None:
+                       num_workers: int, ground_truth_dir: str = '') -> None:
   """Builds each benchmark of `names` under `out`; prints the built folders last, one a line.
 
   Args:
-    names: registered benchmark names or split folders (`benchmarks.resolve_benchmark_dir`).
+    names: registered benchmark names, groups or split folders (`catalog.expand_names`).
     data_root: the data root the names are resolved under.
     out: the TFDS data folder to build under.
     encoding: how the images are stored.
     radius_m: positive radius in metres (when the ground truth comes from the file names).
     num_workers: processes reading and encoding images; 0 works in this process.
+    ground_truth_dir: the family's list files (config data.ground_truth_dir).
   """
-  split_dirs = [benchmarks.resolve_benchmark_dir(name, data_root) for name in names]
+  # Every set is read and checked (lists included) before the first build.
+  splits = [benchmarks.load_benchmark(name, data_root, radius_m=radius_m, use_cache=False,
+                                      ground_truth_dir=ground_truth_dir)
+            for name in catalog.expand_names(names, data_root, ground_truth_dir)]
   folders = []
-  for name, split_dir in zip(names, split_dirs):
-    config_name = benchmark_set.benchmark_name(split_dir, radius_m, encoding)
+  for split in splits:
+    name, split_dir = split.name, split.root
+    config_name = benchmark_set.benchmark_name(split_dir, radius_m, encoding, split)
     folder = benchmark_set.benchmark_folder(out, config_name)
     if os.path.isfile(os.path.join(folder, 'dataset_info.json')) and not FLAGS.overwrite:
       print(f'{name}: already built with these settings (--overwrite builds it again).',
@@ -185,7 +192,8 @@ def prepare_benchmarks(names: Sequence[str], data_root: str, out: str,
       start = time.perf_counter()
       folder = benchmark_set.build_benchmark(split_dir, out, encoding=encoding,
                                              radius_m=radius_m, name=config_name,
-                                             num_workers=num_workers, overwrite=FLAGS.overwrite)
+                                             num_workers=num_workers, overwrite=FLAGS.overwrite,
+                                             benchmark=split)
       seconds = time.perf_counter() - start
       split, _ = benchmark_set.open_benchmark(folder)
       meta, _ = records.read_npz(os.path.join(folder, benchmark_set.BENCHMARK_FILE))

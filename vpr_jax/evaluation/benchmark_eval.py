@@ -105,7 +105,8 @@ def evaluate_dataset(model, variables, benchmark, image_size, batch_size: int,
   all_descriptors = descriptors.compute_descriptors(
       model, variables, benchmark.root, list(benchmark.database_paths) +
       list(benchmark.queries_paths), image_size, batch_size, num_workers, mesh=mesh,
-      decode_options=images.DecodeOptions(interpolation=interpolation), progress=bar.update)
+      decode_options=images.DecodeOptions(interpolation=interpolation), progress=bar.update,
+      image_reader=getattr(benchmark, 'image_reader', None))
   bar.close()
   database, queries = all_descriptors[:num_database], all_descriptors[num_database:]
   seconds['embed'] = time.perf_counter() - start

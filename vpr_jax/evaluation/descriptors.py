@@ -113,7 +113,8 @@ def replicate(variables, mesh: Mesh):
 def compute_descriptors(model, variables, root: str, paths: Sequence[str], image_size,
                         batch_size: int, num_workers: int = 0, mesh: Optional[Mesh] = None,
                         decode_options: Optional[images.DecodeOptions] = None,
-                        progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+                        progress: Optional[Callable[[int], None]] = None,
+                        image_reader: Optional[Callable[[int], np.ndarray]] = None) -> np.ndarray:
   """Descriptors of the images `root/paths[i]`, computed in eval mode.
 
   Batches have a fixed size (the last one padded, padding dropped by its mask) so the forward
@@ -132,6 +133,8 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
       exact with EXIF ignored, as the references.
     progress: called with the number of images of each batch once its descriptors are stored
       (e.g. a progress bar's `update`).
+    image_reader: read image i from here instead of `root/paths[i]` (a prepared benchmark's
+      records, `BenchmarkSet.image_reader`).
 
   Returns:
     float32 [len(paths), D], row i for paths[i].
@@ -164,7 +167,8 @@ def compute_descriptors(model, variables, root: str, paths: Sequence[str], image
 
   iterator = eval_pipeline.make_eval_iterator(root, list(paths), tuple(image_size), batch_size,
                                               num_workers=num_workers,
-                                              decode_options=decode_options)
+                                              decode_options=decode_options,
+                                              image_reader=image_reader)
   pending = None
   for batch in iterator:
     images = np.asarray(batch['images'])

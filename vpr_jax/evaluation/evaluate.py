@@ -1,8 +1,8 @@
 """The library function of `python -m vpr_jax.eval`: a checkpoint on benchmark sets -> files.
 
-checkpoint -> `checkpoints.orbax_states.load_for_eval` (config + variables) -> for each set:
-`data.benchmarks.load_benchmark` -> `benchmark_eval.evaluate_dataset` -> the seed's table ->
-`outputs` (JSON, NPZ, CSV) and `visualize` (query sheets).
+checkpoint -> `checkpoints.orbax_states.load_for_eval` (config + variables) -> every set read by
+`data.evaluation.catalog.load_benchmarks` -> per set `benchmark_eval.evaluate_dataset` -> the
+seed's table -> `outputs` (JSON, NPZ, CSV) and `visualize` (query sheets).
 """
 
 import os
@@ -15,7 +15,7 @@ from vpr_jax import fileio
 from vpr_jax import visualize as visualize_lib
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.checkpoints import runs
-from vpr_jax.data.evaluation import benchmarks
+from vpr_jax.data.evaluation import catalog
 from vpr_jax.data import roots
 from vpr_jax.data.multiprocess import workers
 from vpr_jax.errors import CheckpointMismatchError
@@ -46,13 +46,15 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
              save_descriptors_to: Optional[str] = None, save_predictions_to: Optional[str] = None,
              visualize: int = 0, only_failures: bool = False,
              visualize_dir: Optional[str] = None, visualize_k: int = 5,
+             ground_truth_dir: Optional[str] = None,
              print_fn: Callable[[str], None] = print) -> list[benchmark_eval.EvalResult]:
   """Evaluates a checkpoint on benchmark sets, prints the tables and writes the requested files.
 
   Args:
     checkpoint: checkpoint or training workdir (the best checkpoint is used); None or '': the most
       recent run in the default runs folder.
-    datasets: registered benchmark names or folders; default: the config's validation sets.
+    datasets: registered benchmark names, groups ('family', 'all_available'), split folders or
+      built benchmark folders (`data.evaluation.catalog`); default: the config's validation sets.
     data_root: datasets root; '' -> the config's data.root, then $VPR_DATA_ROOT.
     config: a ConfigDict used instead of the checkpoint's (e.g. another image size or radius).
     batch_size: images per forward batch; default config.data.eval_batch_size.
@@ -64,6 +66,8 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
     only_failures: visualise only queries whose top-1 prediction is wrong.
     visualize_dir: folder of the sheets (a subfolder per dataset); default ./visualizations.
     visualize_k: predictions per sheet.
+    ground_truth_dir: the gsv-cities family's list files (a folder laid out as its datasets/);
+      default the config's data.ground_truth_dir, then <data root>/ground_truth.
     print_fn: where the tables and notes go.
 
   Returns:
@@ -115,9 +119,14 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
   if not root and roots.synthetic_enabled(config):
     root = roots.synthetic_data_root()  # where the demo generated its data
 
+  # Every set is read and checked before the first is evaluated: a mistake in the last one
+  # stops the command before any long work.
+  loaded = catalog.load_benchmarks(
+      datasets, root, radius,
+      ground_truth_dir=ground_truth_dir or config.data.get('ground_truth_dir', ''),
+      prepared=tuple(config.data.get('prepared_benchmarks', ())), print_fn=print_fn)
   results = []
-  for name in datasets:
-    benchmark = benchmarks.load_benchmark(name, root, radius_m=radius)
+  for benchmark in loaded:
     result = benchmark_eval.evaluate_dataset(model, variables, benchmark, image_size, batch_size,
                                              num_workers, interpolation=interpolation)
     print_fn(outputs.format_recall_table(result.dataset, result.recall))

@@ -29,7 +29,7 @@ from vpr_jax.checkpoints import runs
 from vpr_jax.conversion import converter
 from vpr_jax.conversion import mapping
 from vpr_jax.data.augmentation import augment
-from vpr_jax.data.evaluation import benchmarks
+from vpr_jax.data.evaluation import catalog
 from vpr_jax.data.training import gsv_cities
 from vpr_jax.data.imaging import images
 from vpr_jax.data import roots
@@ -270,8 +270,12 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   # Data locations, checked before anything heavy happens.
   data_root = roots.config_data_root(config)
   maybe_make_synthetic_data(config, data_root)
-  for name in config.data.val_datasets:
-    benchmarks.resolve_benchmark_dir(name, data_root)
+  # The validation sets are read (and their lists checked) before the heavy work.
+  val_sets = catalog.load_benchmarks(
+      tuple(config.data.val_datasets), data_root, float(config.data.positive_radius_m),
+      ground_truth_dir=config.data.get('ground_truth_dir', ''),
+      prepared=tuple(config.data.get('prepared_benchmarks', ())),
+      print_fn=lambda line: logging.info('%s', line))
   if config.model.backbone_weights:
     backbone_weights_path(config, data_root)
   # A checkpoint of another configuration is refused before the data is read.
@@ -284,8 +288,6 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   steps_per_epoch = train_pipeline.steps_per_epoch(index, config, process_count)
   num_steps = int(config.num_epochs) * steps_per_epoch
   last_step = min(num_steps, int(config.max_steps)) if config.max_steps else num_steps
-  val_sets = [benchmarks.load_benchmark(name, data_root, radius_m=config.data.positive_radius_m)
-              for name in config.data.val_datasets]
 
   programs = programs_lib.get_programs(config, steps_per_epoch)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))

@@ -1,77 +1,80 @@
-"""Benchmark sets (database + queries), UTM positives within a radius, and the dataset registry.
+"""Benchmark sets (database + queries): names, folders, UTM positives within a radius.
 
-Layout of a benchmark split (SF-XS, Tokyo-XS, the gmberton-style sets and the synthetic ones):
+A benchmark is one of:
 
-  <split folder>/database/*.jpg   reference images
-  <split folder>/queries/*.jpg    query images
+* a registered name (`registry.REGISTRY`): a set of the folder layout (SF-XS, Tokyo-XS, the
+  VPR-datasets-downloader sets) or of the gsv-cities family's list files (`list_files`), found
+  under the data root where its spec says;
+* any folder holding `database/` and `queries/` (absolute, or relative to the data root, or to
+  the working directory).
+
+Folder layout:
+
+  <split folder>/<database>/*.jpg   reference images (`database`, SVOX's `gallery`)
+  <split folder>/<queries>/*.jpg    query images (`queries`, `queries_night`, ...)
 
 with the position in the file name, '@'-separated: `@UTM_east@UTM_north@zone@band@lat@lon@...@.jpg`
-(fields 1 and 2 after splitting the base name on '@'; sub-folders below database/ and queries/ are
-allowed). The positives of a query are the database images whose UTM position lies within
-`radius_m` (25 m, inclusive; a finite number >= 0) of it, found with a k-d tree. Queries without
+(fields 1 and 2 after splitting the base name on '@'; sub-folders are allowed). The positives of a
+query are the database images whose UTM position lies within `radius_m` (25 m, inclusive; a
+finite number >= 0) of it, found with a k-d tree and cached (`positives_cache`). Queries without
 any positive stay in the Recall@N denominator; how many there are is reported
 (`num_without_positives`). UTM values must be finite and within +-1e8 m (real ones are below 1e7).
 Queries whose file name is also in the database (the same image on both sides, which makes
 Recall@1 trivial for them) are counted (`num_queries_in_database`) and logged as a warning.
+A split folder may also hold one `<prefix>_{dbImages,qImages,gt}.npy` triple: it then defines the
+image order and the ground truth (`list_files.load_precomputed`).
 
-Registered names, relative to the data root (the layouts of the SF-XS and Tokyo-XS releases used
-by mldl24-vpr, whose loaders read `sf_xs/{val,test}/` and `tokyo_xs/test/` and the image lists
-`database/...`, `queries/...` relative to those folders):
-
-  sf_xs_val -> sf_xs/val        sf_xs_test -> sf_xs/test        tokyo_xs -> tokyo_xs/test
-  synthetic_val -> synthetic_val                                synthetic_test -> synthetic_test
-
-Any folder that holds database/ and queries/ can also be given directly (absolute, or relative to
-the data root, or to the working directory).
-
-Precomputed lists: the gsv-cities family ships `<prefix>_dbImages.npy`, `<prefix>_qImages.npy`
-(relative paths) and `<prefix>_gt.npy` (object array of database-index lists). When exactly one
-such triple sits in the split folder (or one is given with `precomputed_prefix`), it defines the
-image order and the ground truth, so indices match those files. Otherwise the order is the sorted
-list of relative paths and the ground truth comes from the names.
-
-Positives computed from names are cached in `<split>/.vpr_jax_cache/` (or, when that folder is not
-writable, in `$VPR_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/vpr_jax`, else `~/.cache/vpr_jax`), keyed
-on the file listing and the radius.
+List layout (the family's sets): the listed paths are relative to the set's image folder, the
+ground truth is the family's, and the list files are looked for in the image folder, then in the
+ground-truth folder (`data.ground_truth_dir`, default `<data root>/ground_truth`) laid out as
+gsv-cities' `datasets/` (`Pittsburgh/pitts30k_test_gt.npy`, `SPED/SPED_gt.npy`, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
+import difflib
 import hashlib
 import math
 import os
-import tempfile
-from typing import Sequence
+from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
 from scipy.spatial import cKDTree
 
 from vpr_jax.data import roots
+from vpr_jax.data.evaluation import list_files
+from vpr_jax.data.evaluation import positives_cache
+from vpr_jax.data.evaluation import registry
 from vpr_jax.errors import DatasetNotFoundError
 from vpr_jax.errors import InvalidRadiusError
 from vpr_jax.errors import MalformedDatasetError
 
-REGISTRY = {
-    'sf_xs_val': 'sf_xs/val',
-    'sf_xs_test': 'sf_xs/test',
-    'tokyo_xs': 'tokyo_xs/test',
-    'synthetic_val': 'synthetic_val',
-    'synthetic_test': 'synthetic_test',
-}
-CACHE_DIR_ENV = 'VPR_JAX_CACHE_DIR'
 DEFAULT_RADIUS_M = 25.0
+# Where the family's list files are looked for, under the data root, when no folder is given.
+DEFAULT_GROUND_TRUTH_DIR = 'ground_truth'
 # |UTM east/north| above this is not a position on Earth (real ones are below 1e7 m); far larger
 # values overflow the squared distances of the k-d tree.
 MAX_ABS_UTM_M = 1e8
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-_CACHE_VERSION = 1
 
 EXPECTED_LAYOUT = (
     'expected layout: <split folder>/database/*.jpg and <split folder>/queries/*.jpg, file names '
     '"@UTM_east@UTM_north@zone@band@lat@lon@...@.jpg"')
+
+
+def expected_layout(spec: registry.BenchmarkSpec | None) -> str:
+  """The layout a registered set (or any folder, for None) must have, in words."""
+  if spec is None:
+    return EXPECTED_LAYOUT
+  if spec.kind == registry.FOLDERS:
+    return (f'expected layout: <data root>/{spec.folder}/{spec.database}/*.jpg and '
+            f'<data root>/{spec.folder}/{spec.queries}/*.jpg, file names '
+            '"@UTM_east@UTM_north@zone@band@lat@lon@...@.jpg"')
+  return (f'expected layout: the images at <data root>/{spec.folder}/<listed path>, the lists '
+          f'{", ".join(spec.list_files())} in that folder or in <ground truth dir>/'
+          f'{spec.list_dir}/')
 
 
 @dataclasses.dataclass
@@ -92,6 +95,8 @@ class BenchmarkSet:
     listing_sha1: fingerprint of the ordered path lists (to record with results).
     num_queries_in_database: queries whose file name is also a database image's (the same
       image on both sides): allowed, counted, and logged as a warning.
+    image_reader: None (the images are the files `root/path`), or, for a prepared benchmark,
+      a picklable `reader(i) -> uint8 [H, W, 3]` of image i of `image_paths`.
   """
   name: str
   root: str
@@ -104,6 +109,7 @@ class BenchmarkSet:
   source: str
   listing_sha1: str
   num_queries_in_database: int = 0
+  image_reader: Any = None
 
   @property
   def num_database(self) -> int:
@@ -142,31 +148,33 @@ class BenchmarkSet:
 
 
 def _registry_hint() -> str:
-  return 'registered benchmarks: ' + ', '.join(f'{k} -> <root>/{v}' for k, v in REGISTRY.items())
+  return 'registered benchmarks: ' + ', '.join(registry.names()) + ' (python -m vpr_jax.datasets)'
 
 
 def resolve_benchmark_dir(name_or_path: str, data_root: str | None = None) -> str:
-  """Finds the split folder of a registered name or a path.
+  """Finds the folder of a registered name (its split or image folder) or a path.
 
   Args:
-    name_or_path: a name in REGISTRY, or a folder holding database/ and queries/ (absolute, or
+    name_or_path: a registered name, or a folder holding database/ and queries/ (absolute, or
       relative to the data root, or to the working directory).
     data_root: see `roots.resolve_data_root`.
 
   Returns:
-    The absolute split folder (its content is not checked here).
+    The absolute folder (its content is not checked here).
 
   Raises:
     DatasetNotFoundError: with every path tried and the expected layout.
   """
-  if name_or_path in REGISTRY:
+  spec = registry.get(name_or_path)
+  if spec is not None:
     root = roots.resolve_data_root(data_root, hint=_registry_hint())
-    split_dir = os.path.join(root, REGISTRY[name_or_path])
-    if not os.path.isdir(split_dir):
+    folder = find_spec_folder(spec, root)
+    if folder is None:
+      tried = ' nor '.join(repr(os.path.join(root, f)) for f in spec.folders())
       raise DatasetNotFoundError(
-          f'benchmark {name_or_path!r} not found: {split_dir!r} does not exist '
-          f'(registered as <data root>/{REGISTRY[name_or_path]}); {EXPECTED_LAYOUT}.')
-    return split_dir
+          f'benchmark {name_or_path!r} not found: {tried} does not exist; '
+          f'{expected_layout(spec)}.')
+    return folder
   path = os.path.expanduser(name_or_path)
   tried = []
   if os.path.isabs(path):
@@ -180,10 +188,34 @@ def resolve_benchmark_dir(name_or_path: str, data_root: str | None = None) -> st
   for candidate in tried:
     if os.path.isdir(candidate):
       return os.path.abspath(candidate)
+  close = difflib.get_close_matches(name_or_path, registry.names() + registry.group_names(), 3)
+  known = (f'did you mean {" or ".join(close)}?' if close else
+           f'registered: {", ".join(registry.names() + registry.group_names())}')
   raise DatasetNotFoundError(
-      f'benchmark {name_or_path!r} not found: it is not a registered name '
-      f'({", ".join(sorted(REGISTRY))}) and no folder exists at {", ".join(map(repr, tried))}; '
-      f'{EXPECTED_LAYOUT}.')
+      f'benchmark {name_or_path!r} not found: it is not a registered name or group ({known}; '
+      f'python -m vpr_jax.datasets lists them) and no folder exists at '
+      f'{", ".join(map(repr, tried))}; {EXPECTED_LAYOUT}.')
+
+
+def find_spec_folder(spec: registry.BenchmarkSpec, root: str) -> str | None:
+  """The first of the spec's folders (`registry.BenchmarkSpec.folders`) that exists under root."""
+  return next((os.path.join(root, f) for f in spec.folders()
+               if os.path.isdir(os.path.join(root, f))), None)
+
+
+def resolve_ground_truth_dir(ground_truth_dir: str | None, data_root: str | None) -> str | None:
+  """The folder laid out as gsv-cities' `datasets/`: the argument (absolute or under the data
+  root), else `<data root>/ground_truth`; None when neither can be formed."""
+  if ground_truth_dir:
+    try:
+      root = roots.resolve_data_root(data_root)
+    except DatasetNotFoundError:
+      root = None
+    return os.path.abspath(roots.resolve_under(root, ground_truth_dir))
+  try:
+    return os.path.join(roots.resolve_data_root(data_root), DEFAULT_GROUND_TRUTH_DIR)
+  except DatasetNotFoundError:
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,220 +344,130 @@ def _listing_sha1(database_paths: Sequence[str], queries_paths: Sequence[str]) -
   return digest.hexdigest()
 
 
-def pack_positives(positives: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """Flat int64 indices + int64 offsets [M + 1] for a list of index arrays."""
-  lengths = np.array([len(p) for p in positives], dtype=np.int64)
-  offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-  flat = (np.concatenate([np.asarray(p, np.int64) for p in positives])
-          if len(positives) else np.zeros((0,), np.int64))
-  return flat.astype(np.int64), offsets
-
-
-def unpack_positives(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-  """Inverse of `pack_positives`."""
-  return [np.asarray(flat[offsets[i]:offsets[i + 1]], np.int64) for i in range(len(offsets) - 1)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Cache.
-
-
-def _user_cache_dir() -> str:
-  if os.environ.get(CACHE_DIR_ENV):
-    return os.path.join(os.path.expanduser(os.environ[CACHE_DIR_ENV]), 'benchmarks')
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'vpr_jax', 'benchmarks')
-
-
-def _cache_key(split_dir: str, listing_sha1: str, radius_m: float) -> str:
-  digest = hashlib.sha1(f'{_CACHE_VERSION}|{listing_sha1}|{radius_m!r}'.encode('utf-8'))
-  # The user-level cache is shared by all splits: keep the folder in the key there.
-  digest.update(os.path.abspath(split_dir).encode('utf-8'))
-  return digest.hexdigest()[:20]
-
-
-def _cache_candidates(split_dir: str, key: str) -> list[str]:
-  return [os.path.join(split_dir, '.vpr_jax_cache', f'positives_{key}.npz'),
-          os.path.join(_user_cache_dir(), f'positives_{key}.npz')]
-
-
-def _read_cache(split_dir: str, key: str, num_queries: int) -> list[np.ndarray] | None:
-  for path in _cache_candidates(split_dir, key):
-    if os.path.isfile(path):
-      try:
-        with np.load(path) as data:
-          flat, offsets = data['flat'], data['offsets']
-        if len(offsets) == num_queries + 1:
-          return unpack_positives(flat, offsets)
-      except Exception:  # pylint: disable=broad-except
-        pass  # A damaged cache file is rebuilt.
-  return None
-
-
-def _write_cache(split_dir: str, key: str, positives: Sequence[np.ndarray]) -> str | None:
-  flat, offsets = pack_positives(positives)
-  for path in _cache_candidates(split_dir, key):
-    try:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-      with os.fdopen(fd, 'wb') as f:
-        np.savez_compressed(f, flat=flat, offsets=offsets)
-      os.replace(tmp, path)  # Atomic: readers never see a partial file.
-      return path
-    except OSError:
-      continue
-  return None
-
-
-# ------------------------------------------------------------------------------------------------
-# Precomputed lists.
-
-
-def find_precomputed_prefix(split_dir: str) -> str | None:
-  """The `<prefix>` of a complete `<prefix>_{dbImages,qImages,gt}.npy` triple in the folder.
-
-  Raises:
-    MalformedDatasetError: several complete triples (ambiguous).
-  """
-  prefixes = []
-  for path in sorted(glob.glob(os.path.join(glob.escape(split_dir), '*_dbImages.npy'))):
-    prefix = path[:-len('_dbImages.npy')]
-    if os.path.isfile(prefix + '_qImages.npy') and os.path.isfile(prefix + '_gt.npy'):
-      prefixes.append(prefix)
-  if len(prefixes) > 1:
-    raise MalformedDatasetError(
-        f'{split_dir!r} holds several precomputed list triples ({", ".join(prefixes)}); pass one '
-        'with precomputed_prefix.')
-  return prefixes[0] if prefixes else None
-
-
-def load_precomputed(prefix: str, num_database: int | None = None):
-  """Reads `<prefix>_dbImages.npy`, `<prefix>_qImages.npy`, `<prefix>_gt.npy`.
-
-  Returns:
-    (database_paths, queries_paths, positives as sorted int64 arrays).
-
-  Raises:
-    DatasetNotFoundError / MalformedDatasetError: naming the file.
-  """
-  files = {kind: f'{prefix}_{kind}.npy' for kind in ('dbImages', 'qImages', 'gt')}
-  for path in files.values():
-    if not os.path.isfile(path):
-      raise DatasetNotFoundError(f'precomputed list {path!r} does not exist.')
-  lists = {}
-  for kind in ('dbImages', 'qImages'):
-    array = np.load(files[kind], allow_pickle=False)
-    if array.ndim != 1 or array.dtype.kind not in 'US':
-      raise MalformedDatasetError(
-          f'{files[kind]!r}: expected a 1-D array of path strings, got {array.dtype} {array.shape}')
-    lists[kind] = [str(p.decode('utf-8') if isinstance(p, bytes) else p) for p in array]
-  # The ground truth is an object array of lists: it needs pickle (the files are the user's own).
-  gt = np.load(files['gt'], allow_pickle=True)
-  if len(gt) != len(lists['qImages']):
-    raise MalformedDatasetError(
-        f'{files["gt"]!r} has {len(gt)} entries but {files["qImages"]!r} lists '
-        f'{len(lists["qImages"])} queries.')
-  num_database = len(lists['dbImages']) if num_database is None else num_database
-  positives = []
-  for i, entry in enumerate(gt):
-    indices = np.unique(np.asarray(entry, dtype=np.int64).reshape(-1))
-    if len(indices) and (indices[0] < 0 or indices[-1] >= num_database):
-      raise MalformedDatasetError(
-          f'{files["gt"]!r}: query {i} lists database index {int(indices[-1])} (or a negative '
-          f'one); there are {num_database} database images.')
-    positives.append(indices)
-  return lists['dbImages'], lists['qImages'], positives
-
-
 # ------------------------------------------------------------------------------------------------
 # Loading.
 
 
-def _check_subfolders(split_dir: str, name: str):
-  missing = [sub for sub in ('database', 'queries')
-             if not os.path.isdir(os.path.join(split_dir, sub))]
+def _check_subfolders(split_dir: str, name: str, subfolders: Sequence[str],
+                      spec: registry.BenchmarkSpec | None):
+  missing = [sub for sub in subfolders if not os.path.isdir(os.path.join(split_dir, sub))]
   if missing:
     raise DatasetNotFoundError(
         f'benchmark {name!r} at {split_dir!r} has no {" and no ".join(missing)} folder; '
-        f'{EXPECTED_LAYOUT}.')
+        f'{expected_layout(spec)}.')
 
 
-def load_benchmark(name_or_path: str, data_root: str | None = None,
-                   radius_m: float = DEFAULT_RADIUS_M, precomputed_prefix: str | None = None,
-                   use_precomputed: bool = True, use_cache: bool = True,
-                   check_files: bool = True) -> BenchmarkSet:
-  """Loads a benchmark split: image lists, UTM positions and positives.
+def _from_lists(name: str, root: str, database_paths: list[str], queries_paths: list[str],
+                positives: list[np.ndarray], source: str) -> BenchmarkSet:
+  where = f'benchmark {name!r}'
+  in_database = count_queries_in_database(database_paths, queries_paths)
+  _warn_queries_in_database(where, in_database, len(queries_paths))
+  return BenchmarkSet(
+      name=name, root=root, database_paths=database_paths, queries_paths=queries_paths,
+      database_utm=parse_utm_list(database_paths, where, strict=False),
+      queries_utm=parse_utm_list(queries_paths, where, strict=False),
+      positives=positives, radius_m=None, source=source,
+      listing_sha1=_listing_sha1(database_paths, queries_paths),
+      num_queries_in_database=in_database)
 
-  Args:
-    name_or_path: a registered name (REGISTRY) or a split folder.
-    data_root: the data root ('' or None: $VPR_DATA_ROOT); only needed for registered names and
-      relative paths.
-    radius_m: positive radius in metres (inclusive); not used when precomputed ground truth is.
-    precomputed_prefix: path prefix of `<prefix>_{dbImages,qImages,gt}.npy` files that define the
-      order and the ground truth (they may live outside the split folder).
-    use_precomputed: look for such a triple inside the split folder when no prefix is given.
-    use_cache: read/write the positives cache.
-    check_files: with precomputed lists, check that every listed image exists.
 
-  Returns:
-    A BenchmarkSet.
+def _load_family_set(spec: registry.BenchmarkSpec, images_dir: str,
+                     ground_truth_dir: str | None, check_files: bool) -> BenchmarkSet:
+  """A set of the gsv-cities family's list files (LISTS / MSLS_LISTS)."""
+  files = list_files.find_lists(spec, images_dir, ground_truth_dir)
+  database_paths, queries_paths, positives = list_files.read_family_lists(spec, files)
+  if check_files:
+    list_files.check_listed_images(images_dir, database_paths, files['dbImages'])
+    list_files.check_listed_images(images_dir, queries_paths, files['qImages'])
+  source = os.path.join(os.path.dirname(files['dbImages']), spec.prefix + '_*.npy')
+  return _from_lists(spec.name, images_dir, database_paths, queries_paths, positives, source)
 
-  Raises:
-    DatasetNotFoundError: the split folder (or database/, queries/) is missing.
-    MalformedDatasetError: no images, names without coordinates, inconsistent lists.
-    InvalidRadiusError: `radius_m` is not a finite number >= 0.
-  """
-  radius_m = check_radius(radius_m)
-  split_dir = resolve_benchmark_dir(name_or_path, data_root)
-  _check_subfolders(split_dir, name_or_path)
-  if precomputed_prefix is None and use_precomputed:
-    precomputed_prefix = find_precomputed_prefix(split_dir)
 
-  if precomputed_prefix is not None:
-    database_paths, queries_paths, positives = load_precomputed(precomputed_prefix)
-    if not database_paths or not queries_paths:
-      raise MalformedDatasetError(f'precomputed lists {precomputed_prefix}_*.npy are empty.')
-    if check_files:
-      present = set(list_images(split_dir, split_dir))
-      for path in database_paths + queries_paths:
-        if path not in present and not os.path.isfile(os.path.join(split_dir, path)):
-          raise MalformedDatasetError(
-              f'{precomputed_prefix}_*.npy lists {path!r}, which does not exist in {split_dir!r}.')
-    where = f'benchmark {name_or_path!r}'
-    in_database = count_queries_in_database(database_paths, queries_paths)
-    _warn_queries_in_database(where, in_database, len(queries_paths))
-    return BenchmarkSet(
-        name=name_or_path, root=split_dir, database_paths=database_paths,
-        queries_paths=queries_paths,
-        database_utm=parse_utm_list(database_paths, where, strict=False),
-        queries_utm=parse_utm_list(queries_paths, where, strict=False),
-        positives=positives, radius_m=None, source=os.path.abspath(precomputed_prefix),
-        listing_sha1=_listing_sha1(database_paths, queries_paths),
-        num_queries_in_database=in_database)
+def _load_precomputed_set(name: str, split_dir: str, prefix: str,
+                          check_files: bool) -> BenchmarkSet:
+  database_paths, queries_paths, positives = list_files.load_precomputed(prefix)
+  if not database_paths or not queries_paths:
+    raise MalformedDatasetError(f'precomputed lists {prefix}_*.npy are empty.')
+  if check_files:
+    list_files.check_listed_images(split_dir, database_paths, prefix + '_dbImages.npy')
+    list_files.check_listed_images(split_dir, queries_paths, prefix + '_qImages.npy')
+  return _from_lists(name, split_dir, database_paths, queries_paths, positives,
+                     os.path.abspath(prefix))
 
-  database_paths = list_images(os.path.join(split_dir, 'database'), split_dir)
-  queries_paths = list_images(os.path.join(split_dir, 'queries'), split_dir)
-  for sub, paths in (('database', database_paths), ('queries', queries_paths)):
+
+def _load_named_set(name: str, split_dir: str, database_dir: str, queries_dir: str,
+                    radius_m: float, use_cache: bool,
+                    spec: registry.BenchmarkSpec | None) -> BenchmarkSet:
+  """A set of the folder layout: the images listed, positives from the names (cached)."""
+  database_paths = list_images(os.path.join(split_dir, database_dir), split_dir)
+  queries_paths = list_images(os.path.join(split_dir, queries_dir), split_dir)
+  for sub, paths in ((database_dir, database_paths), (queries_dir, queries_paths)):
     if not paths:
       raise MalformedDatasetError(
-          f'benchmark {name_or_path!r}: no images ({", ".join(IMAGE_EXTENSIONS)}) in '
-          f'{os.path.join(split_dir, sub)!r}; {EXPECTED_LAYOUT}.')
-  where = f'benchmark {name_or_path!r} ({split_dir})'
+          f'benchmark {name!r}: no images ({", ".join(IMAGE_EXTENSIONS)}) in '
+          f'{os.path.join(split_dir, sub)!r}; {expected_layout(spec)}.')
+  where = f'benchmark {name!r} ({split_dir})'
   database_utm = parse_utm_list(database_paths, where)
   queries_utm = parse_utm_list(queries_paths, where)
   listing_sha1 = _listing_sha1(database_paths, queries_paths)
   in_database = count_queries_in_database(database_paths, queries_paths)
   _warn_queries_in_database(where, in_database, len(queries_paths))
   positives = None
-  key = _cache_key(split_dir, listing_sha1, float(radius_m))
+  key = positives_cache.cache_key(split_dir, listing_sha1, float(radius_m))
   if use_cache:
-    positives = _read_cache(split_dir, key, len(queries_paths))
+    positives = positives_cache.read(split_dir, key, len(queries_paths))
   if positives is None:
     positives = compute_positives(database_utm, queries_utm, radius_m)
     if use_cache:
-      _write_cache(split_dir, key, positives)
+      positives_cache.write(split_dir, key, positives)
   return BenchmarkSet(
-      name=name_or_path, root=split_dir, database_paths=database_paths,
+      name=name, root=split_dir, database_paths=database_paths,
       queries_paths=queries_paths, database_utm=database_utm, queries_utm=queries_utm,
       positives=positives, radius_m=float(radius_m), source='names', listing_sha1=listing_sha1,
       num_queries_in_database=in_database)
+
+
+def load_benchmark(name_or_path: str, data_root: str | None = None,
+                   radius_m: float = DEFAULT_RADIUS_M, precomputed_prefix: str | None = None,
+                   use_precomputed: bool = True, use_cache: bool = True,
+                   check_files: bool = True,
+                   ground_truth_dir: str | None = None) -> BenchmarkSet:
+  """Loads a benchmark set: image lists, UTM positions and positives.
+
+  Args:
+    name_or_path: a registered name (`registry.REGISTRY`) or a split folder.
+    data_root: the data root ('' or None: $VPR_DATA_ROOT); only needed for registered names and
+      relative paths.
+    radius_m: positive radius in metres (inclusive); not used when list files give the ground
+      truth.
+    precomputed_prefix: path prefix of `<prefix>_{dbImages,qImages,gt}.npy` files that define the
+      order and the ground truth of a folder-layout set (they may live outside the split folder).
+    use_precomputed: look for such a triple inside the split folder when no prefix is given.
+    use_cache: read/write the positives cache.
+    check_files: with list files, check that every listed image exists.
+    ground_truth_dir: the family's list files, laid out as gsv-cities' `datasets/` (absolute or
+      under the data root); default `<data root>/ground_truth`.
+
+  Returns:
+    A BenchmarkSet.
+
+  Raises:
+    DatasetNotFoundError: the folder, a subfolder or the list files are missing.
+    MalformedDatasetError: no images, names without coordinates, inconsistent lists.
+    ArrayFileError / UnsafeArrayFileError: a list file is unreadable or holds more than data.
+    InvalidRadiusError: `radius_m` is not a finite number >= 0.
+  """
+  radius_m = check_radius(radius_m)
+  spec = registry.get(name_or_path)
+  split_dir = resolve_benchmark_dir(name_or_path, data_root)
+  if spec is not None and spec.kind != registry.FOLDERS:
+    return _load_family_set(spec, split_dir,
+                            resolve_ground_truth_dir(ground_truth_dir, data_root), check_files)
+  database_dir, queries_dir = (spec.database, spec.queries) if spec else ('database', 'queries')
+  _check_subfolders(split_dir, name_or_path, (database_dir, queries_dir), spec)
+  if precomputed_prefix is None and use_precomputed:
+    precomputed_prefix = list_files.find_precomputed_prefix(split_dir)
+  if precomputed_prefix is not None:
+    return _load_precomputed_set(name_or_path, split_dir, precomputed_prefix, check_files)
+  return _load_named_set(name_or_path, split_dir, database_dir, queries_dir, radius_m,
+                         use_cache, spec)

@@ -10,6 +10,9 @@ Worker processes (num_workers > 0) are spawned and only run this module's decode
 JAX computation happens in them. (grain itself imports the `jax` package on import, and spawned
 workers re-import the parent's `__main__` module; neither initialises a JAX backend.)
 
+With an `image_reader` (a prepared benchmark's records), image i is `image_reader(i)` instead of
+the file `root/paths[i]`, resized the same way.
+
 An entry of the path list may also be an image already in memory (a uint8 [H, W, 3] or [H, W]
 array): it is resized the same way (`images.resized_array_from_pixels`).
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -35,12 +38,21 @@ class _DecodeBatch:
   """Decodes one padded batch of images; picklable, so it can run in grain worker processes."""
 
   def __init__(self, root: str, relative_paths: Sequence[str], image_size: tuple[int, int],
-               batch_size: int, decode_options: images.DecodeOptions | None = None):
+               batch_size: int, decode_options: images.DecodeOptions | None = None,
+               image_reader: Callable[[int], np.ndarray] | None = None):
     self.root = root
     self.relative_paths = list(relative_paths)
     self.image_size = image_size
     self.batch_size = batch_size
     self.decode_options = decode_options
+    self.image_reader = image_reader
+
+  def _resized_from_reader(self, i: int) -> np.ndarray:
+    # Stored images (a prepared benchmark) are decoded like the files, then resized the same way.
+    pixels = self.image_reader(i)
+    if self.decode_options is not None and self.decode_options.interpolation == 'bicubic':
+      return images.resize_bicubic_array(pixels, self.image_size)
+    return images.resize_array(pixels, self.image_size)
 
   def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
     height, width = self.image_size
@@ -51,7 +63,9 @@ class _DecodeBatch:
     index = np.full((self.batch_size,), -1, dtype=np.int32)
     for slot, i in enumerate(range(start, stop)):
       entry = self.relative_paths[i]
-      if isinstance(entry, np.ndarray):
+      if self.image_reader is not None:
+        pixels[slot] = self._resized_from_reader(i)
+      elif isinstance(entry, np.ndarray):
         pixels[slot] = images.resized_array_from_pixels(entry, self.image_size)
       else:
         path = os.path.join(self.root, entry)
@@ -67,7 +81,8 @@ def num_batches(num_images: int, batch_size: int) -> int:
 
 
 def make_eval_dataset(root: str, relative_paths: Sequence[str], image_size: Sequence[int],
-                      batch_size: int, decode_options: images.DecodeOptions | None = None
+                      batch_size: int, decode_options: images.DecodeOptions | None = None,
+                      image_reader: Callable[[int], np.ndarray] | None = None
                       ) -> grain.MapDataset:
   """The evaluation batches as a grain MapDataset (random access: `ds[i]` is batch i).
 
@@ -77,6 +92,8 @@ def make_eval_dataset(root: str, relative_paths: Sequence[str], image_size: Sequ
     image_size: (height, width) after resizing.
     batch_size: images per batch.
     decode_options: how files are decoded; default exact, EXIF orientation ignored.
+    image_reader: instead of the files, `image_reader(i)` gives the decoded pixels of image i
+      (a prepared benchmark's records); it must be picklable for worker processes.
 
   Returns:
     A MapDataset of dicts `images` uint8 [B, H, W, 3], `mask` bool [B], `index` int32 [B].
@@ -89,14 +106,15 @@ def make_eval_dataset(root: str, relative_paths: Sequence[str], image_size: Sequ
     raise ValueError('at most 2**31 - 1 images (indices are int32)')
   height, width = int(image_size[0]), int(image_size[1])
   decode = _DecodeBatch(os.fspath(root), relative_paths, (height, width), int(batch_size),
-                        decode_options)
+                        decode_options, image_reader)
   return grain.MapDataset.range(num_batches(len(relative_paths), batch_size)).map(decode)
 
 
 def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Sequence[int],
                        batch_size: int, num_workers: int = 0, num_threads: int = 2,
                        prefetch_batches: int = 2,
-                       decode_options: images.DecodeOptions | None = None
+                       decode_options: images.DecodeOptions | None = None,
+                       image_reader: Callable[[int], np.ndarray] | None = None
                        ) -> Iterator[dict[str, np.ndarray]]:
   """Iterates over the evaluation batches of a path list, in order.
 
@@ -109,6 +127,7 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
     num_threads: decoding threads per process (PIL releases the GIL while decoding).
     prefetch_batches: batches buffered per process.
     decode_options: how files are decoded; default exact, EXIF orientation ignored.
+    image_reader: see `make_eval_dataset`.
 
   Returns:
     An iterator of dicts: `images` uint8 [B, H, W, 3], `mask` bool [B] (False for padding),
@@ -119,7 +138,8 @@ def make_eval_iterator(root: str, relative_paths: Sequence[str], image_size: Seq
   """
   if num_workers < 0:
     raise ValueError(f'num_workers must be >= 0, got {num_workers}')
-  dataset = make_eval_dataset(root, relative_paths, image_size, batch_size, decode_options)
+  dataset = make_eval_dataset(root, relative_paths, image_size, batch_size, decode_options,
+                              image_reader)
   num_threads = max(0, int(num_threads))
   read_options = grain.ReadOptions(num_threads=num_threads,
                                    prefetch_buffer_size=max(1, int(prefetch_batches), num_threads))
