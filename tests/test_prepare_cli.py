@@ -34,6 +34,13 @@ BAD_ARGUMENTS = {
                                '(0, 0)'),
     'size and short side': (['--image_size=8,8', '--short_side=8'],
                             'give --image_size or --short_side, not both'),
+    'image size above the bound': (['--image_size=100000,100000'],
+                                   '--image_size must be at most 8192 pixels a side (the bound on '
+                                   'prepared images: one RGB image of that size already takes '
+                                   '192 MiB in every worker), got 100000,100000'),
+    'short side above the bound': (['--short_side=8193'], '--short_side must be at most 8192'),
+    'config image size above the bound': (['--config.image_size=(9000, 64)'],
+                                          'config image_size must be at most 8192'),
     'short side negative': (['--short_side=-3'], '--short_side must be a positive integer, got -3'),
     'quality zero': (['--image_size=8,8', '--quality=0'], '--quality must be in 1..100, got 0'),
     'negative workers': (['--image_size=8,8', '--num_workers=-2'],

@@ -60,6 +60,11 @@ VERSION = tfds.core.Version('1.0.0')
 FLOAT64 = tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES)
 
 
+# The largest side of a prepared image. Images are resized whole in every worker, and a command
+# asking for 100000 x 100000 pixels (30 GB an image) would be ended by the out-of-memory killer
+# without a word; 8192 is above every size the family trains or evaluates at (at most 518).
+MAX_IMAGE_SIDE = 8192
+
 # Images handed to a worker at a time when encoding in parallel.
 _CHUNK_SIZE = 64
 
@@ -90,6 +95,9 @@ class ImageEncoding:
     if self.short_side is not None and (int(self.short_side) != self.short_side
                                         or self.short_side <= 0):
       raise ValueError(f'short_side must be a positive integer, got {self.short_side!r}.')
+    sides = tuple(self.image_size or ()) + ((self.short_side,) if self.short_side else ())
+    if sides and max(sides) > MAX_IMAGE_SIDE:
+      raise ValueError(f'image sides must be at most {MAX_IMAGE_SIDE} pixels, got {sides}.')
     if not 1 <= int(self.quality) <= 100:
       raise ValueError(f'quality must be in [1, 100], got {self.quality!r}.')
     if self.subsampling not in images.SUBSAMPLING:
