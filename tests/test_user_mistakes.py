@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -104,6 +105,30 @@ def test_signal_saves_the_current_step_and_the_rerun_resumes(signal_number, data
     assert status == 0, output[-3000:]
     assert f'at step {step}.' in output
     assert [r['step'] for r in e2e.train_records(workdir)] == list(range(1, 41))
+
+
+def test_a_second_ctrl_c_before_the_first_step_is_one_line(data_root, tmp_path, tmp_path_factory):
+  workdir = str(tmp_path / 'run')
+  run = e2e.start_train(workdir, data_root, e2e.tiny_overrides(),
+                        e2e.subprocess_env(tmp_path_factory), 'interrupted',
+                        module='vpr_jax.train')
+  try:
+    # The lock is taken just before the stop handlers are installed, well before the first step.
+    e2e.wait_for_file(os.path.join(workdir, '.lock'), run)
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)  # handled: stop after the current step
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)  # at once
+    e2e.wait_or_kill(run, 60)
+  finally:
+    if run.poll() is None:
+      run.kill()
+  output = e2e.output_of(run)
+  assert run.returncode == 130, output[-3000:]
+  assert 'Traceback' not in output and 'KeyboardInterrupt' not in output, output[-3000:]
+  assert output.strip().splitlines()[-1] == (
+      'Stopped by SIGINT: stopped at once, without saving; run the same command to resume from '
+      'the last checkpoint.'), output[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------

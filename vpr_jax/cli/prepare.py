@@ -220,7 +220,8 @@ def main(argv):
 
 def run():
   """Console entry point: accepts dashed flag names, then runs `main` under absl."""
-  common.run(main)
+  common.run(main, interrupted='nothing was built (a dataset appears only when complete); run '
+             'the same command to start over.', sigterm_as_interrupt=True)
 
 
 if __name__ == '__main__':

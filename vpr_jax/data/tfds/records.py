@@ -34,7 +34,6 @@ applies.
 
 from __future__ import annotations
 
-from concurrent import futures
 import dataclasses
 import hashlib
 import json
@@ -51,6 +50,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 from vpr_jax import errors
 from vpr_jax.data.imaging import decode
 from vpr_jax.data.imaging import images
+from vpr_jax.data.multiprocess import workers as worker_counts
 from vpr_jax.errors import BuiltDatasetError
 
 VERSION = tfds.core.Version('1.0.0')
@@ -143,9 +143,19 @@ def encoded(encoding: ImageEncoding, paths: Sequence[str],
     yield from map(encoding, paths)
     return
   # 'spawn': the caller may hold threads or an accelerator runtime that must not be forked.
-  with futures.ProcessPoolExecutor(num_workers,
-                                   mp_context=multiprocessing.get_context('spawn')) as pool:
-    yield from pool.map(encoding, paths, chunksize=_CHUNK_SIZE)
+  # Workers started while Ctrl-C is ignored keep ignoring it, from their first instruction:
+  # the terminal's SIGINT then stops the parent, which ends the pool, instead of printing a
+  # KeyboardInterrupt traceback from every worker.
+  with worker_counts.interrupts_ignored_by_new_workers():
+    pool = multiprocessing.get_context('spawn').Pool(num_workers)
+  try:
+    yield from pool.imap(encoding, paths, chunksize=_CHUNK_SIZE)
+    pool.close()
+  finally:
+    # After the last image: the workers exit. On Ctrl-C or an error: they are stopped at once
+    # (finishing the chunks they hold would encode up to num_workers x 64 more images).
+    pool.terminate()
+    pool.join()
 
 
 class NpzMetadata(tfds.core.Metadata):
