@@ -13,7 +13,7 @@ memory: every chunk is added to the index under test and searched exactly (brute
 the exact searches is the ground truth. The flat (exact) index is built only for sizes up to
 `--max_flat` (1M x 256-d float32 = 1 GiB).
 
-Indexes are built with `vpr_jax.localization` (`train_faiss_index`, `add_in_chunks`,
+Indexes are built with `vpr_jax.localization.faiss_index` (`train_faiss_index`, `add_in_chunks`,
 `set_nprobe`), what `python -m vpr_jax.index --faiss FACTORY` runs.
 
   python scripts/bench_localization.py                       # 1M and 10M, 256-d (~10 min, 2 cores)
@@ -39,7 +39,7 @@ import faiss
 import numpy as np
 import psutil
 
-from vpr_jax import localization
+from vpr_jax.localization import faiss_index
 
 
 
@@ -99,7 +99,7 @@ def run_size(num: int, args, factory: str) -> list[dict]:
   rss_before = rss_bytes()
   start = time.perf_counter()
   sample = first[rng.choice(len(first), min(args.train_size, len(first)), replace=False)]
-  approx = localization.train_faiss_index(factory, dim, sample)
+  approx = faiss_index.train_faiss_index(factory, dim, sample)
   train_s = time.perf_counter() - start
   flat = faiss.IndexFlatL2(dim) if num <= args.max_flat else None
 
@@ -112,7 +112,7 @@ def run_size(num: int, args, factory: str) -> list[dict]:
     x = first if chunk == 0 else make_chunk(chunk, size, centers, args.spread, args.seed)
     generate_s += time.perf_counter() - start
     start = time.perf_counter()
-    localization.add_in_chunks(approx, x)
+    faiss_index.add_in_chunks(approx, x)
     add_s += time.perf_counter() - start
     if flat is not None:
       start = time.perf_counter()
@@ -131,7 +131,7 @@ def run_size(num: int, args, factory: str) -> list[dict]:
   truth = best_i[:, 0]
 
   results = []
-  localization.set_nprobe(approx, args.nprobe)
+  faiss_index.set_nprobe(approx, args.nprobe)
   measured = time_queries(approx, queries, k, args.singles)
   approx_bytes = int(faiss.serialize_index(approx).nbytes)
   results.append({
@@ -173,7 +173,7 @@ def main(argv=None):
   parser.add_argument('--factories', default='1000000=IVF1024,PQ32;10000000=IVF1024,PQ32',
                       help="'size=FACTORY;size=FACTORY' (';'-separated; FACTORY may hold commas)")
   parser.add_argument('--default_factory', default='IVF1024,PQ32')
-  parser.add_argument('--nprobe', type=int, default=localization.DEFAULT_NPROBE)
+  parser.add_argument('--nprobe', type=int, default=faiss_index.DEFAULT_NPROBE)
   parser.add_argument('--queries', type=int, default=300)
   parser.add_argument('--singles', type=int, default=100,
                       help='queries timed one call at a time')

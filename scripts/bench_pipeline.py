@@ -223,11 +223,8 @@ def _median_record(records):
   return record
 
 
-def run(args, train_dir, work_dir=None):
-  """Indexes `train_dir` and times every (source, decoder, workers); returns the JSON report."""
-  cities = ([c for c in args.cities.split(',') if c] if args.cities
-            else gsv_cities.available_cities(train_dir, args.layout))
-  index = gsv_cities.build_place_index(train_dir, args.layout, cities, args.images_per_place)
+def _pipeline_config(args, index, cities):
+  """The default config set to the benchmark's batch, augmentation and epoch count."""
   config = default.get_config()
   config.image_size = args.image_size
   data = config.data
@@ -239,35 +236,35 @@ def run(args, train_dir, work_dir=None):
   data.prefetch_buffer_size = args.prefetch
   steps = train_pipeline.steps_per_epoch(index, config)
   config.num_epochs = math.ceil((1 + args.warmup_batches + args.num_batches) / steps)
-  print(gsv_cities.format_stats(index, args.places_per_batch, args.images_per_place))
-  print()
+  return config
 
+
+def _prepare_sources(args, train_dir, work_dir, index, cities, raw_count):
+  """({source name: (index, record source or None)}, {source name: encoded images})."""
   sources, encoded = {}, {}
-  raw_count = min(args.raw_images, index.num_images)
   for name in args.source:
     if name == 'original':
       sources[name] = (index, None)
       encoded[name] = [decode.read_file(index.image_path(i)) for i in range(raw_count)]
-    else:
-      data_dir = os.path.join(work_dir or tempfile.mkdtemp(prefix='vpr_jax_bench_'), 'tfds')
-      start = time.perf_counter()
-      folder = training_set.build_training_set(
-          train_dir, data_dir, layout=args.layout, cities=cities,
-          min_img_per_place=args.images_per_place,
-          encoding=records.ImageEncoding(tuple(args.image_size),
-                                               quality=args.prepared_quality))
-      print(f'Prepared {index.num_images} images at {args.image_size[0]}x{args.image_size[1]} '
-            f'(quality {args.prepared_quality}) in {time.perf_counter() - start:.1f} s.')
-      prepared_index, source = training_set.open_training_set(folder)
-      if not np.array_equal(prepared_index.image_paths, index.image_paths):
-        raise SystemExit('The prepared index lists other images than the source index.')
-      sources[name] = (prepared_index, source)
-      encoded[name] = [source[i] for i in range(raw_count)]
+      continue
+    data_dir = os.path.join(work_dir or tempfile.mkdtemp(prefix='vpr_jax_bench_'), 'tfds')
+    start = time.perf_counter()
+    folder = training_set.build_training_set(
+        train_dir, data_dir, layout=args.layout, cities=cities,
+        min_img_per_place=args.images_per_place,
+        encoding=records.ImageEncoding(tuple(args.image_size), quality=args.prepared_quality))
+    print(f'Prepared {index.num_images} images at {args.image_size[0]}x{args.image_size[1]} '
+          f'(quality {args.prepared_quality}) in {time.perf_counter() - start:.1f} s.')
+    prepared_index, source = training_set.open_training_set(folder)
+    if not np.array_equal(prepared_index.image_paths, index.image_paths):
+      raise SystemExit('The prepared index lists other images than the source index.')
+    sources[name] = (prepared_index, source)
+    encoded[name] = [source[i] for i in range(raw_count)]
+  return sources, encoded
 
-  # Decoders innermost: the runs compared with each other follow one another in every round.
-  # The batch memory only matters with workers.
-  combos = [(s, d, w, m) for s in args.source for w in args.workers
-            for m in (args.batch_memory if w else args.batch_memory[:1]) for d in args.decoders]
+
+def _time_rounds(args, config, sources, encoded, combos):
+  """Times every combo and raw decode once per round; ({combo: results}, {(source, dec): rates})."""
   timed = {c: [] for c in combos}
   raw = {(s, d): [] for s in args.source for d in args.decoders}
   for round_number in range(args.repeats):
@@ -276,8 +273,8 @@ def run(args, train_dir, work_dir=None):
           time_raw_decode(encoded[name], args.image_size, DECODERS[decoder]))
     for combo in combos:
       name, decoder, workers, memory = combo
-      data.decode = DECODERS[decoder]
-      data.reuse_batch_memory = BATCH_MEMORY[memory]
+      config.data.decode = DECODERS[decoder]
+      config.data.reuse_batch_memory = BATCH_MEMORY[memory]
       result = time_pipeline(*sources[name][:1], config, workers, args.num_batches,
                              args.warmup_batches, args.seed, sources[name][1])
       result.update(source=name, decoder=decoder,
@@ -288,7 +285,11 @@ def run(args, train_dir, work_dir=None):
             f'{result["images_per_second"]:10.1f} img/s, '
             f'{result["images_per_cpu_second"] or 0:10.1f} img/CPU-s '
             f'(start-up {result["startup_seconds"]:.1f} s)', flush=True)
+  return timed, raw
 
+
+def _raw_records(args, raw, raw_count):
+  """One record per (source, decoder) of the raw decode rates: medians, all rounds, vs PIL."""
   raw_records = []
   for (name, decoder), rates in raw.items():
     wall = [r[0] for r in rates]
@@ -304,6 +305,35 @@ def run(args, train_dir, work_dir=None):
       record['cpu_speedup_vs_pil'] = round(statistics.median(
           [r[1] / b[1] for r, b in zip(rates, raw[(name, 'pil')])]), 3)
     raw_records.append(record)
+  return raw_records
+
+
+def _median_ratio(runs, baseline, key):
+  """Median over rounds of runs[i][key] / baseline[i][key] (runs of one round under one load)."""
+  return round(statistics.median([r[key] / b[key] for r, b in zip(runs, baseline)]), 3)
+
+
+def _add_pil_speedups(record, combo, timed):
+  """Adds the speed-ups of a combo over PIL (same round) and over PIL with new segments."""
+  # Ratios within a round compare runs made seconds apart, under the same load.
+  baseline = timed[(combo[0], 'pil', *combo[2:])]
+  ratios = [r['images_per_second'] / b['images_per_second']
+            for r, b in zip(timed[combo], baseline)]
+  record['speedup_vs_pil'] = round(statistics.median(ratios), 3)
+  record['all_speedups_vs_pil'] = [round(r, 3) for r in ratios]
+  if record['images_per_cpu_sec']:
+    record['cpu_speedup_vs_pil'] = _median_ratio(timed[combo], baseline, 'images_per_cpu_second')
+  before = (combo[0], 'pil', combo[2], 'new')
+  if combo[2] and before in timed:
+    # Against the path before batch slots and libjpeg-turbo: Pillow, a new segment per batch.
+    record['speedup_vs_pil_new_memory'] = _median_ratio(timed[combo], timed[before],
+                                                        'images_per_second')
+    record['cpu_speedup_vs_pil_new_memory'] = _median_ratio(timed[combo], timed[before],
+                                                            'images_per_cpu_second')
+
+
+def _combo_records(args, combos, timed, raw_records):
+  """One record per timed combo: medians, efficiencies against the raw decode, speed-ups."""
   raw_rate = {(r['source'], r['decoder']): r for r in raw_records}
   results = []
   for combo in combos:
@@ -318,26 +348,27 @@ def run(args, train_dir, work_dir=None):
       record['cpu_efficiency'] = round(
           record['images_per_cpu_sec'] / raw_rate[combo[:2]]['images_per_cpu_sec'], 3)
     if 'pil' in args.decoders:
-      # Ratios within a round compare runs made seconds apart, under the same load.
-      baseline = timed[(combo[0], 'pil', *combo[2:])]
-      ratios = [r['images_per_second'] / b['images_per_second']
-                for r, b in zip(timed[combo], baseline)]
-      record['speedup_vs_pil'] = round(statistics.median(ratios), 3)
-      record['all_speedups_vs_pil'] = [round(r, 3) for r in ratios]
-      if record['images_per_cpu_sec']:
-        record['cpu_speedup_vs_pil'] = round(statistics.median(
-            [r['images_per_cpu_second'] / b['images_per_cpu_second']
-             for r, b in zip(timed[combo], baseline)]), 3)
-      before = (combo[0], 'pil', combo[2], 'new')
-      if combo[2] and before in timed:
-        # Against the path before batch slots and libjpeg-turbo: Pillow, a new segment per batch.
-        record['speedup_vs_pil_new_memory'] = round(statistics.median(
-            [r['images_per_second'] / b['images_per_second']
-             for r, b in zip(timed[combo], timed[before])]), 3)
-        record['cpu_speedup_vs_pil_new_memory'] = round(statistics.median(
-            [r['images_per_cpu_second'] / b['images_per_cpu_second']
-             for r, b in zip(timed[combo], timed[before])]), 3)
+      _add_pil_speedups(record, combo, timed)
     results.append(record)
+  return results
+
+
+def run(args, train_dir, work_dir=None):
+  """Indexes `train_dir` and times every (source, decoder, workers); returns the JSON report."""
+  cities = ([c for c in args.cities.split(',') if c] if args.cities
+            else gsv_cities.available_cities(train_dir, args.layout))
+  index = gsv_cities.build_place_index(train_dir, args.layout, cities, args.images_per_place)
+  config = _pipeline_config(args, index, cities)
+  print(gsv_cities.format_stats(index, args.places_per_batch, args.images_per_place))
+  print()
+  raw_count = min(args.raw_images, index.num_images)
+  sources, encoded = _prepare_sources(args, train_dir, work_dir, index, cities, raw_count)
+  # Decoders innermost: the runs compared with each other follow one another in every round.
+  # The batch memory only matters with workers.
+  combos = [(s, d, w, m) for s in args.source for w in args.workers
+            for m in (args.batch_memory if w else args.batch_memory[:1]) for d in args.decoders]
+  timed, raw = _time_rounds(args, config, sources, encoded, combos)
+  raw_records = _raw_records(args, raw, raw_count)
   return {
       'train_dir': train_dir,
       'layout': args.layout,
@@ -356,27 +387,32 @@ def run(args, train_dir, work_dir=None):
       'cpu_count': os.cpu_count(),
       'platform': platform.platform(),
       'date': time.strftime('%Y-%m-%d', time.gmtime()),
-      'results': results,
+      'results': _combo_records(args, combos, timed, raw_records),
       'raw_decode': raw_records,
   }
 
 
+def _cell(record, key, width, digits):
+  """A right-aligned number of a table row, blank when the record lacks it."""
+  value = record.get(key)
+  return f'{value:>{width}.{digits}f}' if value is not None else ' ' * width
+
+
 def format_table(report):
+  """The report's combos as a text table (one row per source, decoder, workers, batch memory)."""
   lines = [f'{"source":>8} | {"decoder":>9} | {"workers":>7} | {"batches":>7} | {"img/s":>8} | '
            f'{"vs pil":>6} | '
            f'{"img/CPU-s":>9} | {"vs pil":>6} | {"raw img/CPU-s":>13} | {"CPU effic.":>10} | '
            f'{"start-up s":>10}', '-' * 125]
   raw = {(r['source'], r['decoder']): r for r in report['raw_decode']}
   for r in report['results']:
-    def cell(key, width, digits):
-      value = r.get(key)
-      return f'{value:>{width}.{digits}f}' if value is not None else ' ' * width
     lines.append(f'{r["source"]:>8} | {r["decoder"]:>9} | {r["workers"]:>7} | '
                  f'{r.get("batch_memory") or "":>7} | '
-                 f'{cell("images_per_second", 8, 1)} | {cell("speedup_vs_pil", 6, 2)} | '
-                 f'{cell("images_per_cpu_sec", 9, 1)} | {cell("cpu_speedup_vs_pil", 6, 2)} | '
+                 f'{_cell(r, "images_per_second", 8, 1)} | {_cell(r, "speedup_vs_pil", 6, 2)} | '
+                 f'{_cell(r, "images_per_cpu_sec", 9, 1)} | '
+                 f'{_cell(r, "cpu_speedup_vs_pil", 6, 2)} | '
                  f'{raw[(r["source"], r["decoder"])]["images_per_cpu_sec"]:>13.1f} | '
-                 f'{cell("cpu_efficiency", 10, 3)} | {cell("startup_seconds", 10, 1)}')
+                 f'{_cell(r, "cpu_efficiency", 10, 3)} | {_cell(r, "startup_seconds", 10, 1)}')
   return '\n'.join(lines)
 
 

@@ -16,7 +16,15 @@ from tests import test_eval_cli
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.evaluation import descriptors
 from vpr_jax.evaluation import evaluate
-from vpr_jax import localization
+from vpr_jax.errors import CoordinatesFileError
+from vpr_jax.errors import IndexMismatchError
+from vpr_jax.errors import IndexNotFoundError
+from vpr_jax.localization import build
+from vpr_jax.localization import coordinates
+from vpr_jax.localization import embedding
+from vpr_jax.localization import localizer as localizer_lib
+from vpr_jax.localization import outputs
+from vpr_jax.localization import store
 from vpr_jax.data.imaging import images
 from vpr_jax.models import vpr_model
 
@@ -81,15 +89,15 @@ class CountingEmbedder:
 def test_top1_agrees_with_evaluation(checkpoints, photos, tmp_path):
   checkpoint = checkpoints[0]
   index = tmp_path / 'index'
-  stats = localization.build_index(checkpoint, str(photos / 'database'), str(index),
-                                   batch_size=BATCH, show_progress=False, print_fn=lambda _: None)
+  stats = build.build_index(checkpoint, str(photos / 'database'), str(index),
+                            batch_size=BATCH, show_progress=False, print_fn=lambda _: None)
   assert (stats.num_images, stats.embedded, stats.reused) == (20, 20, 0)
 
   results = evaluate.evaluate(checkpoint, [str(photos)], batch_size=BATCH, num_workers=0,
                                 print_fn=lambda _: None)
   result = results[0]
   benchmark = result.benchmark
-  localizer = localization.Localizer.from_index(str(index))
+  localizer = localizer_lib.Localizer.from_index(str(index))
   located = localizer.localize([os.path.join(benchmark.root, p) for p in benchmark.queries_paths],
                                top_k=5)
 
@@ -101,7 +109,7 @@ def test_top1_agrees_with_evaluation(checkpoints, photos, tmp_path):
     np.testing.assert_allclose([m.distance ** 2 for m in r.matches], result.distances[q, :5],
                                rtol=1e-4, atol=1e-6)
   # The stored descriptors are evaluation's database descriptors, row for row.
-  manifest = localization.read_manifest(str(index))
+  manifest = store.read_manifest(str(index))
   stored = np.load(index / manifest['files']['descriptors'])
   np.testing.assert_allclose(stored, result.database_descriptors, atol=1e-6)
 
@@ -112,7 +120,7 @@ def test_top1_agrees_with_evaluation(checkpoints, photos, tmp_path):
   assert match.utm_zone == '10S' and match.coordinate_source == 'name'
   assert (match.lat, match.lon) == (float(fields[5]), float(fields[6]))
   assert match.file == str(photos / 'database' / match.image)
-  payload = json.loads(localization.results_json(located))
+  payload = json.loads(outputs.results_json(located))
   first = payload['queries'][0]
   assert first['image'] == os.path.join(benchmark.root, benchmark.queries_paths[0])
   assert set(first['matches'][0]) >= {'image', 'distance', 'lat', 'lon'}
@@ -121,11 +129,11 @@ def test_top1_agrees_with_evaluation(checkpoints, photos, tmp_path):
 def test_incremental_build_embeds_only_new_images(checkpoints, photos, tmp_path, monkeypatch):
   checkpoint = checkpoints[0]
   database, index = photos / 'database', tmp_path / 'index'
-  build = lambda: localization.build_index(checkpoint, str(database), str(index),
-                                           batch_size=BATCH, show_progress=False,
-                                           print_fn=lambda _: None)
-  build()
-  before = localization.Localizer.from_index(str(index))
+  run_build = lambda: build.build_index(checkpoint, str(database), str(index),
+                                        batch_size=BATCH, show_progress=False,
+                                        print_fn=lambda _: None)
+  run_build()
+  before = localizer_lib.Localizer.from_index(str(index))
   before_rows = dict(zip(before.paths, np.load(index / 'descriptors-1.npy')))
   added = sorted((photos / 'queries').iterdir())[0]
   os.makedirs(database / 'new')
@@ -135,14 +143,14 @@ def test_incremental_build_embeds_only_new_images(checkpoints, photos, tmp_path,
 
   counter = CountingEmbedder()
   monkeypatch.setattr(descriptors, 'compute_descriptors', counter)
-  stats = build()
+  stats = run_build()
   assert counter.images == 1
   assert (stats.num_images, stats.embedded, stats.reused, stats.removed) == (20, 1, 19, 1)
-  after = localization.Localizer.from_index(str(index))
+  after = localizer_lib.Localizer.from_index(str(index))
   assert ('new/' + added.name) in after.paths and removed.name not in after.paths
   assert not (index / 'descriptors-1.npy').exists()  # The previous generation is cleaned up.
   # Kept rows are carried over unchanged; the new photo finds itself.
-  after_rows = np.load(index / localization.read_manifest(str(index))['files']['descriptors'])
+  after_rows = np.load(index / store.read_manifest(str(index))['files']['descriptors'])
   for row, path in enumerate(after.paths):
     if path in before_rows:
       np.testing.assert_array_equal(after_rows[row], before_rows[path])
@@ -151,35 +159,35 @@ def test_incremental_build_embeds_only_new_images(checkpoints, photos, tmp_path,
 
   # Nothing changed: nothing embedded, nothing written.
   embedded_before = counter.images
-  stats = build()
+  stats = run_build()
   assert stats.up_to_date and stats.embedded == 0 and counter.images == embedded_before
 
 
 def test_interrupted_build_resumes(checkpoints, photos, tmp_path, monkeypatch):
   checkpoint = checkpoints[0]
   database, index = str(photos / 'database'), tmp_path / 'index'
-  build = lambda: localization.build_index(checkpoint, database, str(index), batch_size=BATCH,
-                                           part_size=8, show_progress=False,
-                                           print_fn=lambda _: None)
+  run_build = lambda: build.build_index(checkpoint, database, str(index), batch_size=BATCH,
+                                        part_size=8, show_progress=False,
+                                        print_fn=lambda _: None)
   monkeypatch.setattr(descriptors, 'compute_descriptors', CountingEmbedder(fail_on_call=2))
   with pytest.raises(KeyboardInterrupt):
-    build()
-  assert not (index / localization.MANIFEST_FILENAME).exists()
-  assert len(list((index / localization.PENDING_SUBDIR).glob('part-*.npz'))) == 1
-  with pytest.raises(localization.IndexNotFoundError):
-    localization.Localizer.from_index(str(index))
+    run_build()
+  assert not (index / store.MANIFEST_FILENAME).exists()
+  assert len(list((index / store.PENDING_SUBDIR).glob('part-*.npz'))) == 1
+  with pytest.raises(IndexNotFoundError):
+    localizer_lib.Localizer.from_index(str(index))
 
   counter = CountingEmbedder()
   monkeypatch.setattr(descriptors, 'compute_descriptors', counter)
-  stats = build()
+  stats = run_build()
   assert counter.images == 12
   assert (stats.num_images, stats.embedded, stats.resumed) == (20, 12, 8)
-  assert not (index / localization.PENDING_SUBDIR).exists()
+  assert not (index / store.PENDING_SUBDIR).exists()
 
   # The same index as an uninterrupted build.
   whole = tmp_path / 'whole'
-  localization.build_index(checkpoint, database, str(whole), batch_size=BATCH,
-                           show_progress=False, print_fn=lambda _: None)
+  build.build_index(checkpoint, database, str(whole), batch_size=BATCH,
+                    show_progress=False, print_fn=lambda _: None)
   resumed = np.load(index / 'descriptors-1.npy')
   np.testing.assert_allclose(resumed, np.load(whole / 'descriptors-1.npy'), atol=1e-6)
 
@@ -194,9 +202,9 @@ def rotated_with_exif(pixels: np.ndarray, path, orientation: int = 6, quality: i
 
 def test_exif_rotated_photo_gives_the_upright_descriptor(checkpoints, photos, tmp_path):
   index = tmp_path / 'index'
-  localization.build_index(checkpoints[0], str(photos / 'database'), str(index),
-                           batch_size=BATCH, show_progress=False, print_fn=lambda _: None)
-  localizer = localization.Localizer.from_index(str(index))
+  build.build_index(checkpoints[0], str(photos / 'database'), str(index),
+                    batch_size=BATCH, show_progress=False, print_fn=lambda _: None)
+  localizer = localizer_lib.Localizer.from_index(str(index))
   source = query_paths(photos)[0]
   pixels = np.asarray(Image.open(source).convert('RGB'))
   rotated = tmp_path / 'rotated.jpg'
@@ -247,24 +255,24 @@ def test_fast_decode_uses_dct_scaling(tmp_path):
 def test_index_of_another_checkpoint_is_refused(checkpoints, photos, tmp_path):
   a, b = checkpoints
   index = tmp_path / 'index'
-  localization.build_index(a, str(photos / 'database'), str(index), batch_size=BATCH,
-                           show_progress=False, print_fn=lambda _: None)
-  with pytest.raises(localization.IndexMismatchError, match='weights') as error:
-    localization.Localizer.from_index(str(index), checkpoint=b)
+  build.build_index(a, str(photos / 'database'), str(index), batch_size=BATCH,
+                    show_progress=False, print_fn=lambda _: None)
+  with pytest.raises(IndexMismatchError, match='weights') as error:
+    localizer_lib.Localizer.from_index(str(index), checkpoint=b)
   assert '\n' not in str(error.value)
-  with pytest.raises(localization.IndexMismatchError, match='another checkpoint'):
-    localization.build_index(b, str(photos / 'database'), str(index), batch_size=BATCH,
-                             show_progress=False, print_fn=lambda _: None)
-  with pytest.raises(localization.IndexMismatchError, match='half'):
-    localization.build_index(a, str(photos / 'database'), str(index), half=True,
-                             batch_size=BATCH, show_progress=False, print_fn=lambda _: None)
+  with pytest.raises(IndexMismatchError, match='another checkpoint'):
+    build.build_index(b, str(photos / 'database'), str(index), batch_size=BATCH,
+                      show_progress=False, print_fn=lambda _: None)
+  with pytest.raises(IndexMismatchError, match='half'):
+    build.build_index(a, str(photos / 'database'), str(index), half=True,
+                      batch_size=BATCH, show_progress=False, print_fn=lambda _: None)
   # A config that changes the preprocessing (input size) differs too.
   config, variables, _ = orbax_states.load_for_eval(a)
   config.image_size = (48, 48)
-  fingerprint = localization.checkpoint_fingerprint(config, variables)
-  manifest = localization.read_manifest(str(index))
-  assert localization.fingerprint_differences(manifest['fingerprint'], fingerprint) == [
-      'image_size']
+  fingerprint = embedding.checkpoint_fingerprint(config, variables)
+  manifest = store.read_manifest(str(index))
+  assert embedding.fingerprint_differences(manifest['fingerprint'], fingerprint) == [
+                                                                                     'image_size']
 
 
 def test_coordinates_from_csv_exif_and_names(checkpoints, tmp_path):
@@ -275,7 +283,7 @@ def test_coordinates_from_csv_exif_and_names(checkpoints, tmp_path):
   pixels = [np.asarray(Image.open(os.path.join(SF_XS_MINI, 'database', n)).convert('RGB'))
             for n in names[1:]]
   exif = Image.Exif()
-  gps = exif.get_ifd(localization.EXIF_GPS_IFD)
+  gps = exif.get_ifd(coordinates.EXIF_GPS_IFD)
   gps.update({1: 'N', 2: (48.0, 51.0, 29.64), 3: 'W', 4: (2.0, 17.0, 40.2)})
   Image.fromarray(pixels[0]).save(folder / 'gps.jpg', exif=exif.tobytes())
   Image.fromarray(pixels[1]).save(folder / 'listed.jpg')
@@ -283,10 +291,10 @@ def test_coordinates_from_csv_exif_and_names(checkpoints, tmp_path):
   (tmp_path / 'coords.csv').write_text('path,lat,lon\nlisted.jpg,41.9,12.5\n')
 
   index = tmp_path / 'index'
-  localization.build_index(checkpoints[0], str(folder), str(index), batch_size=BATCH,
-                           coordinates=str(tmp_path / 'coords.csv'), show_progress=False,
-                           print_fn=lambda _: None)
-  localizer = localization.Localizer.from_index(str(index))
+  build.build_index(checkpoints[0], str(folder), str(index), batch_size=BATCH,
+                    coordinates=str(tmp_path / 'coords.csv'), show_progress=False,
+                    print_fn=lambda _: None)
+  localizer = localizer_lib.Localizer.from_index(str(index))
   found = {r.matches[0].image: r.matches[0] for r in localizer.localize(
       [str(folder / n) for n in sorted(os.listdir(folder))], top_k=1)}
   assert set(found) == {names[0], 'gps.jpg', 'listed.jpg', 'nothing.png'}
@@ -299,9 +307,9 @@ def test_coordinates_from_csv_exif_and_names(checkpoints, tmp_path):
 
   bad = tmp_path / 'bad.csv'
   bad.write_text('path,lat,lon\nlisted.jpg,91,12\n')
-  with pytest.raises(localization.CoordinatesFileError, match=r'bad.csv:2: '):
-    localization.build_index(checkpoints[0], str(folder), str(index), coordinates=str(bad),
-                             show_progress=False, print_fn=lambda _: None)
+  with pytest.raises(CoordinatesFileError, match=r'bad.csv:2: '):
+    build.build_index(checkpoints[0], str(folder), str(index), coordinates=str(bad),
+                      show_progress=False, print_fn=lambda _: None)
 
 
 def run_cli(module, args, tmp_path, timeout=240):

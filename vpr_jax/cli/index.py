@@ -5,16 +5,17 @@ r"""Indexes a folder of geotagged photos for localisation (`python -m vpr_jax.lo
 
 Every .jpg/.jpeg/.png under --images (recursively) is embedded exactly as evaluation does and
 written with its coordinates (from --coordinates, from benchmark-style '@' names, or from the EXIF
-GPS tags) and a FAISS index into --out (layout in `vpr_jax.localization`). Rerunning the command
-embeds only new or changed images and drops removed ones; an interrupted run resumes where it
-stopped. Dashed flag spellings (`--fast-decode`, `--no-exif-transpose`) are accepted.
+GPS tags) and a FAISS index into --out (layout in `vpr_jax.localization.store`). Rerunning the
+command embeds only new or changed images and drops removed ones; an interrupted run resumes where
+it stopped. Dashed flag spellings (`--fast-decode`, `--no-exif-transpose`) are accepted.
 """
 
 from absl import app
 from absl import flags
 
 from vpr_jax.cli import common
-from vpr_jax import localization
+from vpr_jax.localization import build
+from vpr_jax.localization import faiss_index
 
 FLAGS = flags.FLAGS
 
@@ -26,10 +27,10 @@ def _define_flags():
   flags.DEFINE_string('images', None, 'Folder of database images (searched recursively).')
   flags.DEFINE_string('out', None, 'Index folder to create or update.')
   flags.DEFINE_bool('half', False, 'Store the descriptors as float16.')
-  flags.DEFINE_string('faiss', localization.DEFAULT_FAISS_FACTORY,
+  flags.DEFINE_string('faiss', faiss_index.DEFAULT_FAISS_FACTORY,
                       "FAISS index: 'flat' (exact), 'ivfpq' (IVF + product quantisation sized to "
                       "the database) or a FAISS factory string such as 'IVF4096,PQ64'.")
-  flags.DEFINE_integer('nprobe', localization.DEFAULT_NPROBE,
+  flags.DEFINE_integer('nprobe', faiss_index.DEFAULT_NPROBE,
                        'Inverted lists searched per query (IVF indexes).')
   flags.DEFINE_string('coordinates', None, 'CSV of path,lat,lon (paths relative to --images); '
                       'takes precedence over names and EXIF GPS tags.')
@@ -40,7 +41,7 @@ def _define_flags():
   flags.DEFINE_integer('batch_size', None, 'Images per forward batch. Default: the checkpoint '
                        'config\'s data.eval_batch_size.')
   flags.DEFINE_integer('num_workers', 0, 'Image decoding worker processes (-1: one per core).')
-  flags.DEFINE_integer('part_size', localization.DEFAULT_PART_SIZE,
+  flags.DEFINE_integer('part_size', build.DEFAULT_PART_SIZE,
                        'Images embedded between two saves of the work done (resumable parts).')
   flags.mark_flags_as_required(['checkpoint', 'images', 'out'])
 
@@ -49,7 +50,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   common.report_user_errors(
-      localization.build_index, FLAGS.checkpoint, FLAGS.images, FLAGS.out, half=FLAGS.half,
+      build.build_index, FLAGS.checkpoint, FLAGS.images, FLAGS.out, half=FLAGS.half,
       faiss_factory=FLAGS.faiss, coordinates=FLAGS.coordinates,
       exif_transpose=FLAGS.exif_transpose, fast_decode=FLAGS.fast_decode,
       batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, part_size=FLAGS.part_size,

@@ -18,7 +18,8 @@ from absl import flags
 
 from vpr_jax.cli import common
 from vpr_jax import fileio
-from vpr_jax import localization
+from vpr_jax.localization import localizer as localizer_lib
+from vpr_jax.localization import outputs
 
 FLAGS = flags.FLAGS
 
@@ -40,23 +41,23 @@ def _define_flags():
 
 def localize(index: str, photos, top_k: int, output: str | None, sheet: str | None,
              checkpoint: str | None = None, exif_transpose: bool | None = None,
-             fast_decode: bool | None = None) -> list[localization.Localization]:
+             fast_decode: bool | None = None) -> list[localizer_lib.Localization]:
   """Localises photos, prints the matches and writes the requested files."""
   if output:
     fileio.check_output_path(output, '--output')
-  localizer = localization.Localizer.from_index(index, checkpoint)
+  localizer = localizer_lib.Localizer.from_index(index, checkpoint)
   results = localizer.localize(photos, top_k, exif_transpose=exif_transpose,
                                fast_decode=fast_decode)
   for result in results:
-    print(localization.format_result(result))
+    print(outputs.format_result(result))
   if output:
-    fileio.atomic_write(output, localization.results_json(results))
+    fileio.atomic_write(output, outputs.results_json(results))
     print(f'Wrote {output}')
   if sheet:
     upright = (localizer.manifest['decode']['exif_transpose'] if exif_transpose is None
                else exif_transpose)
     for number, (photo, result) in enumerate(zip(photos, results)):
-      localization.write_sheet(result, photo, sheet, number, exif_transpose=upright)
+      outputs.write_sheet(result, photo, sheet, number, exif_transpose=upright)
     print(f'Wrote {len(results)} sheets to {sheet}')
   return results
 

@@ -135,20 +135,9 @@ def _vertical_gradient(width: int, height: int, top, bottom) -> np.ndarray:
   return np.broadcast_to(rows, (max(height, 1), width, 3))
 
 
-def draw_scene(rng: np.random.Generator, canvas_hw: tuple[int, int]) -> Image.Image:
-  """Draws one place: a street scene on an RGB canvas of size canvas_hw = (H, W).
-
-  Args:
-    rng: the place's random stream.
-    canvas_hw: canvas (height, width) in pixels.
-
-  Returns:
-    The scene as an RGB PIL image.
-  """
-  hc, wc = canvas_hw
-  horizon = int(rng.uniform(0.58, 0.72) * hc)
-
-  # Sky: a day sky most of the time, sometimes dusk or overcast.
+def _draw_sky_and_ground(rng: np.random.Generator, hc: int, wc: int, horizon: int):
+  """(canvas, sky_bottom, ground_top): a sky gradient above the horizon, a ground one below."""
+  # A day sky most of the time, sometimes dusk or overcast.
   kind = rng.uniform()
   if kind < 0.6:
     sky_top = _hsv(rng.uniform(0.53, 0.66), rng.uniform(0.3, 0.75), rng.uniform(0.6, 1.0))
@@ -163,9 +152,11 @@ def draw_scene(rng: np.random.Generator, canvas_hw: tuple[int, int]) -> Image.Im
       _vertical_gradient(wc, horizon, sky_top, sky_bottom),
       _vertical_gradient(wc, hc - horizon, ground_top, ground_bottom)], axis=0)
   canvas = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), 'RGB')
-  draw = ImageDraw.Draw(canvas)
+  return canvas, sky_bottom, ground_top
 
-  # Distant skyline: flat silhouettes between sky and street.
+
+def _draw_skyline(draw, rng: np.random.Generator, hc: int, wc: int, horizon: int, sky_bottom):
+  """Distant flat silhouettes between sky and street."""
   haze = _scale_colour(sky_bottom, rng.uniform(0.55, 0.8))
   x = -rng.uniform(0, 0.05) * wc
   while x < wc:
@@ -174,45 +165,49 @@ def draw_scene(rng: np.random.Generator, canvas_hw: tuple[int, int]) -> Image.Im
     draw.rectangle([x, top, x + w, horizon], fill=haze)
     x += w
 
-  # Buildings along the street.
-  base_line = horizon + rng.uniform(0.0, 0.03) * hc
-  x = -rng.uniform(0.0, 0.1) * wc
-  while x < wc:
-    w = rng.uniform(0.07, 0.22) * wc
-    if rng.uniform() < 0.25:
-      x += rng.uniform(0.01, 0.06) * wc
-    height = rng.uniform(0.15, 0.6) * hc
-    top = base_line - height
-    colour = _hsv(rng.uniform(0.0, 1.0), rng.uniform(0.05, 0.6), rng.uniform(0.3, 0.95))
-    draw.rectangle([x, top, x + w, base_line], fill=colour)
-    roof = rng.uniform()
-    if roof < 0.3:
-      peak = rng.uniform(0.05, 0.15) * hc
-      draw.polygon([(x, top), (x + w, top), (x + w / 2, top - peak)],
-                   fill=_scale_colour(colour, rng.uniform(0.4, 0.7)))
-    elif roof < 0.6:
-      draw.rectangle([x - 1, top, x + w + 1, top + rng.uniform(0.01, 0.03) * hc],
-                     fill=_scale_colour(colour, rng.uniform(0.5, 0.8)))
-    if rng.uniform() < 0.85:
-      lit = rng.uniform() < 0.3
-      glass = (_hsv(rng.uniform(0.1, 0.16), rng.uniform(0.3, 0.7), rng.uniform(0.8, 1.0)) if lit
-               else _scale_colour(colour, rng.uniform(0.25, 0.6)))
-      cell_w = rng.uniform(0.025, 0.06) * wc
-      cell_h = rng.uniform(0.05, 0.1) * hc
-      fill_w, fill_h = rng.uniform(0.35, 0.7), rng.uniform(0.35, 0.7)
-      for row in range(int((height - 0.06 * hc) // cell_h)):
-        wy = top + 0.03 * hc + row * cell_h
-        for col in range(int((w - 0.02 * wc) // cell_w)):
-          wx = x + 0.01 * wc + col * cell_w
-          draw.rectangle([wx, wy, wx + fill_w * cell_w, wy + fill_h * cell_h], fill=glass)
-    if rng.uniform() < 0.6:
-      door_w = rng.uniform(0.15, 0.3) * w
-      door_x = x + rng.uniform(0.1, 0.9) * (w - door_w)
-      draw.rectangle([door_x, base_line - rng.uniform(0.06, 0.1) * hc, door_x + door_w, base_line],
-                     fill=_hsv(rng.uniform(0, 1), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.5)))
-    x += w
 
-  # Street: kerb, lane markings.
+def _draw_windows(draw, rng: np.random.Generator, hc: int, wc: int, box, colour):
+  """A grid of windows on the facade box = (x, top, w, height); some of them lit."""
+  x, top, w, height = box
+  lit = rng.uniform() < 0.3
+  glass = (_hsv(rng.uniform(0.1, 0.16), rng.uniform(0.3, 0.7), rng.uniform(0.8, 1.0)) if lit
+           else _scale_colour(colour, rng.uniform(0.25, 0.6)))
+  cell_w = rng.uniform(0.025, 0.06) * wc
+  cell_h = rng.uniform(0.05, 0.1) * hc
+  fill_w, fill_h = rng.uniform(0.35, 0.7), rng.uniform(0.35, 0.7)
+  for row in range(int((height - 0.06 * hc) // cell_h)):
+    wy = top + 0.03 * hc + row * cell_h
+    for col in range(int((w - 0.02 * wc) // cell_w)):
+      wx = x + 0.01 * wc + col * cell_w
+      draw.rectangle([wx, wy, wx + fill_w * cell_w, wy + fill_h * cell_h], fill=glass)
+
+
+def _draw_building(draw, rng: np.random.Generator, hc: int, wc: int, x: float, w: float,
+                   base_line: float):
+  """One building of width w at x: facade, roof, windows, door."""
+  height = rng.uniform(0.15, 0.6) * hc
+  top = base_line - height
+  colour = _hsv(rng.uniform(0.0, 1.0), rng.uniform(0.05, 0.6), rng.uniform(0.3, 0.95))
+  draw.rectangle([x, top, x + w, base_line], fill=colour)
+  roof = rng.uniform()
+  if roof < 0.3:
+    peak = rng.uniform(0.05, 0.15) * hc
+    draw.polygon([(x, top), (x + w, top), (x + w / 2, top - peak)],
+                 fill=_scale_colour(colour, rng.uniform(0.4, 0.7)))
+  elif roof < 0.6:
+    draw.rectangle([x - 1, top, x + w + 1, top + rng.uniform(0.01, 0.03) * hc],
+                   fill=_scale_colour(colour, rng.uniform(0.5, 0.8)))
+  if rng.uniform() < 0.85:
+    _draw_windows(draw, rng, hc, wc, (x, top, w, height), colour)
+  if rng.uniform() < 0.6:
+    door_w = rng.uniform(0.15, 0.3) * w
+    door_x = x + rng.uniform(0.1, 0.9) * (w - door_w)
+    draw.rectangle([door_x, base_line - rng.uniform(0.06, 0.1) * hc, door_x + door_w, base_line],
+                   fill=_hsv(rng.uniform(0, 1), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.5)))
+
+
+def _draw_street(draw, rng: np.random.Generator, hc: int, wc: int, base_line: float, ground_top):
+  """Kerb and dashed lane markings."""
   kerb = _scale_colour(ground_top, rng.uniform(1.2, 1.6))
   draw.rectangle([0, base_line, wc, base_line + rng.uniform(0.02, 0.05) * hc], fill=kerb)
   lane_y = base_line + rng.uniform(0.4, 0.7) * (hc - base_line)
@@ -223,7 +218,9 @@ def draw_scene(rng: np.random.Generator, canvas_hw: tuple[int, int]) -> Image.Im
     draw.rectangle([x, lane_y, x + dash, lane_y + max(1.0, 0.012 * hc)], fill=lane_colour)
     x += dash + gap
 
-  # Street furniture in front of the buildings.
+
+def _draw_furniture(draw, rng: np.random.Generator, hc: int, wc: int, base_line: float):
+  """Trees and sign poles in front of the buildings."""
   for _ in range(rng.integers(0, 5)):
     tx = rng.uniform(0, wc)
     size = rng.uniform(0.04, 0.1) * wc
@@ -243,6 +240,36 @@ def draw_scene(rng: np.random.Generator, canvas_hw: tuple[int, int]) -> Image.Im
       draw.ellipse([px - sign, pole_top - sign, px + sign, pole_top + sign], fill=sign_colour)
     else:
       draw.rectangle([px - sign, pole_top - sign, px + 2 * sign, pole_top + sign], fill=sign_colour)
+
+
+def draw_scene(rng: np.random.Generator, canvas_hw: tuple[int, int]) -> Image.Image:
+  """Draws one place: a street scene on an RGB canvas of size canvas_hw = (H, W).
+
+  The parts are drawn in a fixed order from one random stream, so a place always looks the same.
+
+  Args:
+    rng: the place's random stream.
+    canvas_hw: canvas (height, width) in pixels.
+
+  Returns:
+    The scene as an RGB PIL image.
+  """
+  hc, wc = canvas_hw
+  horizon = int(rng.uniform(0.58, 0.72) * hc)
+  canvas, sky_bottom, ground_top = _draw_sky_and_ground(rng, hc, wc, horizon)
+  draw = ImageDraw.Draw(canvas)
+  _draw_skyline(draw, rng, hc, wc, horizon, sky_bottom)
+  # Buildings along the street.
+  base_line = horizon + rng.uniform(0.0, 0.03) * hc
+  x = -rng.uniform(0.0, 0.1) * wc
+  while x < wc:
+    w = rng.uniform(0.07, 0.22) * wc
+    if rng.uniform() < 0.25:
+      x += rng.uniform(0.01, 0.06) * wc
+    _draw_building(draw, rng, hc, wc, x, w, base_line)
+    x += w
+  _draw_street(draw, rng, hc, wc, base_line, ground_top)
+  _draw_furniture(draw, rng, hc, wc, base_line)
   return canvas
 
 
@@ -460,6 +487,46 @@ def make_training_places(root: str, seed: int = 0, num_train_places: int = 1000,
   """
   image_hw = _check_image_size(image_size)
   cities = tuple(cities)
+  total_places = num_train_places + num_sparse_places
+  _check_training_args(cities, layouts, images_per_place, max_images_per_place, total_places)
+  dirs = _make_training_dirs(root, cities, layouts)
+  rows = {city: [] for city in cities}
+  images_per_city = {city: 0 for city in cities}
+  taken = set()
+  for g in range(total_places):
+    if g >= num_train_places:
+      count = max(1, images_per_place - 1)
+    elif max_images_per_place is not None:
+      count = int(_rng(seed, _STREAM_TRAIN, g, 98).integers(images_per_place,
+                                                            max_images_per_place + 1))
+    else:
+      count = images_per_place
+    views = place_views(_STREAM_TRAIN, g, seed, [(_ROLE_TRAIN, count)], image_hw, view_params,
+                        jpeg_quality)[_ROLE_TRAIN]
+    city = cities[g % len(cities)]
+    rows[city].extend(_write_training_place(dirs, cities, g, seed, views, taken))
+    images_per_city[city] += len(views)
+  if dirs['gsv_cities'] is not None:
+    for city in cities:
+      _write_gsv_cities_csv(os.path.join(dirs['gsv_cities'], 'Dataframes', f'{city}.csv'),
+                            rows[city])
+  places_per_city = {city: len(range(i, total_places, len(cities)))
+                     for i, city in enumerate(cities)}
+  return {
+      'cities': list(cities),
+      'num_places': num_train_places,
+      'num_sparse_places': num_sparse_places,
+      'num_images': int(sum(images_per_city.values())),
+      'places_per_city': places_per_city,
+      'images_per_city': images_per_city,
+      'gsv_cities_dir': dirs['gsv_cities'],
+      'gsv_xs_dir': dirs['gsv_xs'],
+  }
+
+
+def _check_training_args(cities: tuple[str, ...], layouts: Sequence[str], images_per_place: int,
+                         max_images_per_place: int | None, total_places: int):
+  """Raises ValueError for settings that cannot make a valid training folder."""
   if not cities or len(set(cities)) != len(cities) or len({c.lower() for c in cities}) != len(
       cities):
     raise ValueError(f'cities must be distinct (also ignoring case), got {cities!r}')
@@ -473,75 +540,65 @@ def make_training_places(root: str, seed: int = 0, num_train_places: int = 1000,
     raise ValueError(f'images_per_place must be >= 1, got {images_per_place}')
   if max_images_per_place is not None and max_images_per_place < images_per_place:
     raise ValueError('max_images_per_place must be >= images_per_place')
-  total_places = num_train_places + num_sparse_places
   if math.ceil(total_places / len(cities)) > 100_000:
     raise ValueError('GSV-Cities place ids are below 100000 per city')
 
-  gsv_cities_dir = os.path.join(root, 'gsv_cities')
-  gsv_xs_dir = os.path.join(root, 'gsv_xs')
-  if 'gsv_cities' in layouts:
-    os.makedirs(os.path.join(gsv_cities_dir, 'Dataframes'), exist_ok=True)
-    for city in cities:
-      os.makedirs(os.path.join(gsv_cities_dir, 'Images', city), exist_ok=True)
-  if 'gsv_xs' in layouts:
-    for city in cities:
-      os.makedirs(os.path.join(gsv_xs_dir, city.lower()), exist_ok=True)
 
-  rows = {city: [] for city in cities}
-  images_per_city = {city: 0 for city in cities}
-  taken = set()
-  for g in range(total_places):
-    city_index = g % len(cities)
-    city, local_id = cities[city_index], g // len(cities)
-    if g >= num_train_places:
-      count = max(1, images_per_place - 1)
-    elif max_images_per_place is not None:
-      count = int(_rng(seed, _STREAM_TRAIN, g, 98).integers(images_per_place,
-                                                            max_images_per_place + 1))
-    else:
-      count = images_per_place
-    views = place_views(_STREAM_TRAIN, g, seed, [(_ROLE_TRAIN, count)], image_hw, view_params,
-                        jpeg_quality)[_ROLE_TRAIN]
-    meta_rng = _rng(seed, _STREAM_TRAIN, g, 99)
-    frame = city_frame(city_index)
-    centre = _place_offset(local_id, meta_rng)
-    dates = _dates(meta_rng, count)
-    for v, data in enumerate(views):
-      offset = centre + _point_near(meta_rng, _TRAIN_OFFSET_M)
-      east, north, lat, lon = frame.locate(*offset)
-      lat, lon = _round_coord(lat), _round_coord(lon)
-      northdeg = int(meta_rng.integers(0, 360))
-      panoid = _panoid(meta_rng, taken)
-      year, month = dates[v]
-      if 'gsv_cities' in layouts:
-        name = gsv_cities_name(city, local_id, year, month, northdeg, lat, lon, panoid)
-        _write(os.path.join(gsv_cities_dir, 'Images', city, name), data)
-        rows[city].append((local_id, year, month, northdeg, city, lat, lon, panoid))
-      if 'gsv_xs' in layouts:
-        name = utm_name(east, north, frame.zone, frame.band, lat, lon, panoid, northdeg, year,
-                        month, place_field=f'{local_id}_{city}')
-        _write(os.path.join(gsv_xs_dir, city.lower(), name), data)
-      images_per_city[city] += 1
+def _make_training_dirs(root: str, cities: Sequence[str],
+                        layouts: Sequence[str]) -> dict[str, str | None]:
+  """Creates the folders of each layout; {'gsv_cities': dir or None, 'gsv_xs': dir or None}."""
+  dirs = {'gsv_cities': None, 'gsv_xs': None}
   if 'gsv_cities' in layouts:
+    dirs['gsv_cities'] = os.path.join(root, 'gsv_cities')
+    os.makedirs(os.path.join(dirs['gsv_cities'], 'Dataframes'), exist_ok=True)
     for city in cities:
-      with open(os.path.join(gsv_cities_dir, 'Dataframes', f'{city}.csv'), 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(GSV_CITIES_COLUMNS)
-        for row in rows[city]:
-          writer.writerow([row[0], row[1], row[2], row[3], row[4], repr(row[5]), repr(row[6]),
-                           row[7]])
-  places_per_city = {city: len(range(i, total_places, len(cities)))
-                     for i, city in enumerate(cities)}
-  return {
-      'cities': list(cities),
-      'num_places': num_train_places,
-      'num_sparse_places': num_sparse_places,
-      'num_images': int(sum(images_per_city.values())),
-      'places_per_city': places_per_city,
-      'images_per_city': images_per_city,
-      'gsv_cities_dir': gsv_cities_dir if 'gsv_cities' in layouts else None,
-      'gsv_xs_dir': gsv_xs_dir if 'gsv_xs' in layouts else None,
-  }
+      os.makedirs(os.path.join(dirs['gsv_cities'], 'Images', city), exist_ok=True)
+  if 'gsv_xs' in layouts:
+    dirs['gsv_xs'] = os.path.join(root, 'gsv_xs')
+    for city in cities:
+      os.makedirs(os.path.join(dirs['gsv_xs'], city.lower()), exist_ok=True)
+  return dirs
+
+
+def _write_training_place(dirs: dict[str, str | None], cities: Sequence[str], g: int, seed: int,
+                          views: Sequence[bytes], taken: set) -> list[tuple]:
+  """Writes the views of global place g in each layout; returns its GSV-Cities CSV rows.
+
+  `taken` holds the panorama ids used so far (updated).
+  """
+  city_index = g % len(cities)
+  city, local_id = cities[city_index], g // len(cities)
+  meta_rng = _rng(seed, _STREAM_TRAIN, g, 99)
+  frame = city_frame(city_index)
+  centre = _place_offset(local_id, meta_rng)
+  dates = _dates(meta_rng, len(views))
+  rows = []
+  for v, data in enumerate(views):
+    offset = centre + _point_near(meta_rng, _TRAIN_OFFSET_M)
+    east, north, lat, lon = frame.locate(*offset)
+    lat, lon = _round_coord(lat), _round_coord(lon)
+    northdeg = int(meta_rng.integers(0, 360))
+    panoid = _panoid(meta_rng, taken)
+    year, month = dates[v]
+    if dirs['gsv_cities'] is not None:
+      name = gsv_cities_name(city, local_id, year, month, northdeg, lat, lon, panoid)
+      _write(os.path.join(dirs['gsv_cities'], 'Images', city, name), data)
+      rows.append((local_id, year, month, northdeg, city, lat, lon, panoid))
+    if dirs['gsv_xs'] is not None:
+      name = utm_name(east, north, frame.zone, frame.band, lat, lon, panoid, northdeg, year,
+                      month, place_field=f'{local_id}_{city}')
+      _write(os.path.join(dirs['gsv_xs'], city.lower(), name), data)
+  return rows
+
+
+def _write_gsv_cities_csv(path: str, rows: Sequence[tuple]):
+  """A city's Dataframes CSV; coordinates as repr() so that they round-trip exactly."""
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(GSV_CITIES_COLUMNS)
+    for row in rows:
+      writer.writerow([row[0], row[1], row[2], row[3], row[4], repr(row[5]), repr(row[6]),
+                       row[7]])
 
 
 def make_benchmark_split(root: str, split: str = 'synthetic_val', seed: int = 0,
@@ -612,11 +669,8 @@ def make_benchmark_split(root: str, split: str = 'synthetic_val', seed: int = 0,
     db_by_place.setdefault(p, []).append(i)
   positives = [db_by_place.get(p, []) for _, p in queries]
   if write_precomputed_lists:
-    np.save(os.path.join(split_dir, f'{split}_dbImages.npy'), np.array([r for r, _ in database]))
-    np.save(os.path.join(split_dir, f'{split}_qImages.npy'), np.array([r for r, _ in queries]))
-    gt = np.empty(len(positives), dtype=object)
-    gt[:] = [list(p) for p in positives]
-    np.save(os.path.join(split_dir, f'{split}_gt.npy'), gt, allow_pickle=True)
+    _write_precomputed_lists(split_dir, split, [r for r, _ in database],
+                             [r for r, _ in queries], positives)
   return {
       'dir': split_dir,
       'num_database': len(database),
@@ -628,6 +682,20 @@ def make_benchmark_split(root: str, split: str = 'synthetic_val', seed: int = 0,
       'database_place': [p for _, p in database],
       'query_place': [p for _, p in queries],
   }
+
+
+def _write_precomputed_lists(split_dir: str, split: str, database: Sequence[str],
+                             queries: Sequence[str], positives: Sequence[Sequence[int]]):
+  """The gsv-cities family's list files: `<split>_{dbImages,qImages,gt}.npy`.
+
+  gt is an object array of positive lists, as the family stores it (a pickle: written here, read
+  back only through a restricted reader).
+  """
+  np.save(os.path.join(split_dir, f'{split}_dbImages.npy'), np.array(database))
+  np.save(os.path.join(split_dir, f'{split}_qImages.npy'), np.array(queries))
+  gt = np.empty(len(positives), dtype=object)
+  gt[:] = [list(p) for p in positives]
+  np.save(os.path.join(split_dir, f'{split}_gt.npy'), gt, allow_pickle=True)
 
 
 def make_synthetic_dataset(root: str, seed: int = 0, num_train_places: int = 1000,

@@ -341,11 +341,8 @@ def _scan_gsv_cities_city(train_dir: str, city: str) -> tuple[tuple, str]:
   return (raw, listing), digest.hexdigest()
 
 
-def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecords:
-  """Parses Dataframes/<city>.csv against the listing of Images/<city>."""
-  raw, listing = scan
-  csv_path = os.path.join(train_dir, 'Dataframes', f'{city}.csv')
-  image_dir = os.path.join(train_dir, 'Images', city)
+def _read_csv_header(raw: bytes, csv_path: str):
+  """(csv reader positioned after the header, header, column index of each CSV_COLUMNS name)."""
   try:
     text = raw.decode('utf-8-sig')
   except UnicodeDecodeError as e:
@@ -359,8 +356,54 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
   if missing:
     raise DatasetError(f'{csv_path}: missing columns {missing}; the header has {header}, '
                        f'expected at least {list(CSV_COLUMNS)}.')
-  col = {c: header.index(c) for c in CSV_COLUMNS}
+  return reader, header, {c: header.index(c) for c in CSV_COLUMNS}
 
+
+def _parse_csv_row(row: list[str], col: dict[str, int], where: str, city: str,
+                   image_dir: str) -> dict:
+  """The checked fields of one CSV row (`where`: the file and line, for messages)."""
+  csv_path, line = where
+  fields = {
+      'place_id': _parse_int(row[col['place_id']], 'place_id', csv_path, line, 0, 10**9),
+      'year': _parse_int(row[col['year']], 'year', csv_path, line, 0, 9999),
+      'month': _parse_int(row[col['month']], 'month', csv_path, line, 1, 12),
+      # Any integer: it is only needed to spell the image name (real headings span -11 to 731).
+      'northdeg': _parse_int(row[col['northdeg']], 'northdeg', csv_path, line),
+      'lat_text': row[col['lat']].strip(), 'lon_text': row[col['lon']].strip(),
+      'city_id': row[col['city_id']].strip(), 'panoid': row[col['panoid']].strip()}
+  fields['lat'] = _parse_float(fields['lat_text'], 'lat', csv_path, line, 90.0)
+  fields['lon'] = _parse_float(fields['lon_text'], 'lon', csv_path, line, 180.0)
+  if fields['city_id'] != city:
+    raise DatasetError(f'{csv_path}, line {line}: city_id {fields["city_id"]!r} differs from the '
+                       f'CSV\'s city {city!r} (images are read from {image_dir}).')
+  if not fields['panoid']:
+    raise DatasetError(f'{csv_path}, line {line}: empty panoid.')
+  return fields
+
+
+def _image_name(fields: dict, listed: set) -> tuple[str, bool]:
+  """(the image file a row names, whether it is in the listing).
+
+  The reference writes lat/lon with str() of the parsed float; the CSV text is the fallback for
+  files written by other tools. f'{-5:03d}' == str(-5).zfill(3) == '-05', as the reference.
+  """
+  prefix = (f'{fields["city_id"]}_{fields["place_id"]:07d}_{fields["year"]:04d}_'
+            f'{fields["month"]:02d}_{fields["northdeg"]:03d}_')
+  name = f'{prefix}{fields["lat"]}_{fields["lon"]}_{fields["panoid"]}.jpg'
+  if name in listed:
+    return name, True
+  alternative = f'{prefix}{fields["lat_text"]}_{fields["lon_text"]}_{fields["panoid"]}.jpg'
+  if alternative in listed:
+    return alternative, True
+  return name, False
+
+
+def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecords:
+  """Parses Dataframes/<city>.csv against the listing of Images/<city>."""
+  raw, listing = scan
+  csv_path = os.path.join(train_dir, 'Dataframes', f'{city}.csv')
+  image_dir = os.path.join(train_dir, 'Images', city)
+  reader, header, col = _read_csv_header(raw, csv_path)
   listed = set(listing)
   records = _CityRecords()
   seen_names = {}
@@ -375,58 +418,43 @@ def _parse_gsv_cities_city(train_dir: str, city: str, scan: tuple) -> _CityRecor
       raise DatasetError(f'{csv_path}, line {line}: expected {len(header)} fields, got '
                          f'{len(row)}: {row}.')
     num_rows += 1
-    place_id = _parse_int(row[col['place_id']], 'place_id', csv_path, line, 0, 10**9)
-    year = _parse_int(row[col['year']], 'year', csv_path, line, 0, 9999)
-    month = _parse_int(row[col['month']], 'month', csv_path, line, 1, 12)
-    # Any integer: it is only needed to spell the image name (real headings span -11 to 731).
-    northdeg = _parse_int(row[col['northdeg']], 'northdeg', csv_path, line)
-    lat_text, lon_text = row[col['lat']].strip(), row[col['lon']].strip()
-    lat = _parse_float(lat_text, 'lat', csv_path, line, 90.0)
-    lon = _parse_float(lon_text, 'lon', csv_path, line, 180.0)
-    city_id = row[col['city_id']].strip()
-    panoid = row[col['panoid']].strip()
-    if city_id != city:
-      raise DatasetError(f'{csv_path}, line {line}: city_id {city_id!r} differs from the CSV\'s '
-                         f'city {city!r} (images are read from {image_dir}).')
-    if not panoid:
-      raise DatasetError(f'{csv_path}, line {line}: empty panoid.')
-    # The reference writes lat/lon with str() of the parsed float; fall back to the CSV text for
-    # files written by other tools. f'{-5:03d}' == str(-5).zfill(3) == '-05', as the reference.
-    prefix = f'{city_id}_{place_id:07d}_{year:04d}_{month:02d}_{northdeg:03d}_'
-    name = f'{prefix}{lat}_{lon}_{panoid}.jpg'
-    if name not in listed:
-      alternative = f'{prefix}{lat_text}_{lon_text}_{panoid}.jpg'
-      if alternative in listed:
-        name = alternative
-      else:
-        missing_images.append(f'line {line}: {name}')
-        continue
+    fields = _parse_csv_row(row, col, (csv_path, line), city, image_dir)
+    name, found = _image_name(fields, listed)
+    if not found:
+      missing_images.append(f'line {line}: {name}')
+      continue
     if name in seen_names:
       records.odd[ODD_REPEATED_ROW] += 1
       continue
     seen_names[name] = line
-    if not _HEADING_RANGE[0] <= northdeg <= _HEADING_RANGE[1]:
+    if not _HEADING_RANGE[0] <= fields['northdeg'] <= _HEADING_RANGE[1]:
       records.odd[ODD_HEADING] += 1
-    place_key = str(place_id)
-    _check_conflicts(seen_panoramas, place_key, panoid, (year, month, lat, lon),
+    place_key = str(fields['place_id'])
+    _check_conflicts(seen_panoramas, place_key, fields['panoid'],
+                     (fields['year'], fields['month'], fields['lat'], fields['lon']),
                      f'{csv_path}, line {line}', '(year, month, lat, lon)')
     records.names.append(f'Images/{city}/{name}')
     records.place_keys.append(place_key)
-    records.dates.append(year * 100 + month)
-    records.lats.append(lat)
+    records.dates.append(fields['year'] * 100 + fields['month'])
+    records.lats.append(fields['lat'])
   if num_rows == 0:
     raise DatasetError(f'{csv_path} has a header but no rows.')
+  _check_missing_images(missing_images, csv_path, image_dir)
+  unlisted = sum(1 for name in listing if name.lower().endswith(_IMAGE_EXTENSIONS)
+                 and name not in seen_names)
+  if unlisted:
+    records.odd[ODD_UNLISTED_IMAGE] += unlisted
+  return records
+
+
+def _check_missing_images(missing_images: list[str], csv_path: str, image_dir: str):
+  """Raises DatasetError listing (the first few of) the images a CSV names that do not exist."""
   if missing_images:
     listed_part = '; '.join(missing_images[:_MAX_LISTED])
     more = len(missing_images) - _MAX_LISTED
     raise DatasetError(
         f'{len(missing_images)} images named by {csv_path} are not in {image_dir}: {listed_part}'
         + (f'; and {more} more.' if more > 0 else '.'))
-  unlisted = sum(1 for name in listing if name.lower().endswith(_IMAGE_EXTENSIONS)
-                 and name not in seen_names)
-  if unlisted:
-    records.odd[ODD_UNLISTED_IMAGE] += unlisted
-  return records
 
 
 _XS_NUMBERS = ((1, 'UTM_east', 1e8), (2, 'UTM_north', 1e8), (5, 'lat', 90.0), (6, 'lon', 180.0))
