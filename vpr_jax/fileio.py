@@ -156,6 +156,21 @@ def safe_file_name(name: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_') or 'dataset'
 
 
+def _check_writable_folder(folder: str, path: str, what: str) -> None:
+  """Creates and removes a probe file in `folder`: the one check that agrees with the later write.
+
+  os.access can say yes where the write then fails: for root (who passes every permission
+  check) on a read-only mount or in /proc, or on network file systems.
+  """
+  try:
+    fd, probe = tempfile.mkstemp(prefix='.vpr_jax-write-probe-', dir=folder)
+  except OSError as e:
+    raise OutputPathError(f'{what} {path!r}: folder {folder!r} is not writable '
+                          f'({e.strerror or e}).') from None
+  os.close(fd)
+  os.remove(probe)
+
+
 def _check_creatable(path: str, what: str) -> None:
   """The nearest existing folder above `path` is a folder and writable (else OutputPathError)."""
   existing = os.path.dirname(path)
@@ -163,8 +178,7 @@ def _check_creatable(path: str, what: str) -> None:
     existing = os.path.dirname(existing)
   if existing and not os.path.isdir(existing):
     raise OutputPathError(f'{what} {path!r}: {existing!r} is a file, not a folder.')
-  if not os.access(existing or '.', os.W_OK | os.X_OK):
-    raise OutputPathError(f'{what} {path!r}: folder {existing!r} is not writable.')
+  _check_writable_folder(existing or '.', path, what)
 
 
 def check_output_folder(path: PathLike, what: str = 'output folder') -> str:
@@ -184,7 +198,10 @@ def check_output_folder(path: PathLike, what: str = 'output folder') -> str:
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.exists(path) and not os.path.isdir(path):
     raise OutputPathError(f'{what} {path!r} is a file; expected a folder.')
-  _check_creatable(path, what)
+  if os.path.isdir(path):
+    _check_writable_folder(path, path, what)
+  else:
+    _check_creatable(path, what)
   return path
 
 

@@ -43,8 +43,11 @@ def localize(index: str, photos, top_k: int, output: str | None, sheet: str | No
              checkpoint: str | None = None, exif_transpose: bool | None = None,
              fast_decode: bool | None = None) -> list[localizer_lib.Localization]:
   """Localises photos, prints the matches and writes the requested files."""
+  # Both outputs are checked before any photo is embedded (the work is lost otherwise).
   if output:
     fileio.check_output_path(output, '--output')
+  if sheet:
+    fileio.check_output_folder(sheet, '--sheet')
   localizer = localizer_lib.Localizer.from_index(index, checkpoint)
   results = localizer.localize(photos, top_k, exif_transpose=exif_transpose,
                                fast_decode=fast_decode)
