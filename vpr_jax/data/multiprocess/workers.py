@@ -1,11 +1,8 @@
 """Decoding worker processes (training, evaluation, preparation): how many, and their lifetime."""
 
-import contextlib
 import os
-import signal
 import threading
 import time
-from typing import Iterator
 
 from vpr_jax.errors import ConfigError
 
@@ -73,24 +70,3 @@ class ExitWithParent:
 
     threading.Thread(target=watch, name='vpr_jax-exit-with-parent', daemon=True).start()
 
-
-@contextlib.contextmanager
-def interrupts_ignored_by_new_workers() -> Iterator[None]:
-  """Worker processes started inside this block ignore SIGINT (Ctrl-C) for their whole life.
-
-  A terminal sends Ctrl-C to every process of the foreground group. Workers should leave it to
-  the process that started them, which stops them; otherwise each prints its own
-  KeyboardInterrupt traceback, also while still importing. An ignored signal stays ignored
-  through fork and exec (and Python installs its SIGINT handler only where it is not ignored),
-  so the workers ignore it from their first instruction. This process ignores it only while
-  the block runs (start the workers, nothing else, inside it). Main thread only; elsewhere a
-  no-op.
-  """
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGINT, previous)

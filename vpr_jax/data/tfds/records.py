@@ -50,7 +50,6 @@ from tensorflow_datasets.proto import tf_example_pb2
 from vpr_jax import errors
 from vpr_jax.data.imaging import decode
 from vpr_jax.data.imaging import images
-from vpr_jax.data.multiprocess import workers as worker_counts
 from vpr_jax.errors import BuiltDatasetError
 
 VERSION = tfds.core.Version('1.0.0')
@@ -143,11 +142,8 @@ def encoded(encoding: ImageEncoding, paths: Sequence[str],
     yield from map(encoding, paths)
     return
   # 'spawn': the caller may hold threads or an accelerator runtime that must not be forked.
-  # Workers started while Ctrl-C is ignored keep ignoring it, from their first instruction:
-  # the terminal's SIGINT then stops the parent, which ends the pool, instead of printing a
-  # KeyboardInterrupt traceback from every worker.
-  with worker_counts.interrupts_ignored_by_new_workers():
-    pool = multiprocessing.get_context('spawn').Pool(num_workers)
+  # Started from `python -m vpr_jax.prepare`, the workers ignore Ctrl-C (`cli.spawned`).
+  pool = multiprocessing.get_context('spawn').Pool(num_workers)
   try:
     yield from pool.imap(encoding, paths, chunksize=_CHUNK_SIZE)
     pool.close()
