@@ -246,3 +246,14 @@ def assert_same_losses(got: Sequence[dict], expected: Sequence[dict], rtol: floa
                              atol=0)
   np.testing.assert_allclose([r['grad_norm'] for r in got], [r['grad_norm'] for r in expected],
                              rtol=rtol * 10, atol=0)
+
+
+class PickleMarker:
+  """Unpickling this runs `touch <path>`: hostile files carry it, and the marker file shows
+  whether a reader unpickled anything (it must never exist)."""
+
+  def __init__(self, path):
+    self.path = str(path)
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.path}',))

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+from tests import e2e
 from tests.test_localization import BATCH
 from tests.test_localization import SF_XS_MINI
 from tests.test_localization import checkpoints  # noqa: F401  pylint: disable=unused-import
@@ -198,29 +199,19 @@ def test_an_update_keeps_the_users_files_and_counts_changes_apart(checkpoints, d
 # Damaged, swapped or hostile index files.
 
 
-class _Marker:
-  """Unpickling this runs `touch <path>`: the marker shows whether anything was unpickled."""
-
-  def __init__(self, path):
-    self.path = str(path)
-
-  def __reduce__(self):
-    return (os.system, (f'touch {self.path}',))
-
-
 def _pickled_npz(index, marker):
   files = store.read_manifest(str(index))['files']
   path = index / files['images']
   with np.load(path) as data:
     arrays = {k: data[k] for k in data.files}
-  arrays['paths'] = np.array([_Marker(marker)] * len(arrays['paths']), dtype=object)
+  arrays['paths'] = np.array([e2e.PickleMarker(marker)] * len(arrays['paths']), dtype=object)
   np.savez(path, **arrays)
   return files['images']
 
 
 def _pickled_npy(index, marker):
   name = store.read_manifest(str(index))['files']['descriptors']
-  np.save(index / name, np.array([_Marker(marker)], dtype=object), allow_pickle=True)
+  np.save(index / name, np.array([e2e.PickleMarker(marker)], dtype=object), allow_pickle=True)
   return name
 
 

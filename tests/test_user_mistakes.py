@@ -15,6 +15,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from tests import e2e
@@ -23,6 +24,8 @@ from vpr_jax import fileio
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.checkpoints import run_config
 from vpr_jax.configs import default
+from vpr_jax.data.tfds import records
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data.training import gsv_cities
 from vpr_jax.data.training import train_pipeline
 from vpr_jax.evaluation import evaluate
@@ -303,3 +306,35 @@ def test_result_files_get_the_umask_permissions(tmp_path):
     assert (os.stat(path).st_mode & 0o777) == 0o664
   finally:
     os.umask(previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile files beside the data: never unpickled (the marker file shows it).
+
+
+def _hostile_npz(path, marker, **arrays):
+  np.savez(path, meta=np.array([e2e.PickleMarker(marker)], dtype=object), **arrays)
+
+
+def test_a_pickled_place_index_cache_is_ignored_and_rebuilt(synthetic_root, tmp_path, caplog):
+  root = os.path.join(str(synthetic_root), 'gsv_cities')
+  cache = tmp_path / 'cache'
+  cities = ('SynthA', 'SynthB')
+  built = gsv_cities.build_place_index(root, 'gsv_cities', cities, 2, cache_dir=str(cache))
+  (cache_file,) = cache.iterdir()
+  marker = tmp_path / 'unpickled'
+  _hostile_npz(cache_file, marker, image_paths=built.image_paths)
+  rebuilt = gsv_cities.build_place_index(root, 'gsv_cities', cities, 2, cache_dir=str(cache))
+  assert 'Ignoring unreadable place index cache' in caplog.text
+  np.testing.assert_array_equal(rebuilt.image_paths, built.image_paths)
+  assert not marker.exists()
+
+
+def test_a_pickled_prepared_table_is_refused_in_one_line(tmp_path):
+  path = tmp_path / training_set.PLACE_INDEX_FILE
+  marker = tmp_path / 'unpickled'
+  _hostile_npz(path, marker)
+  with pytest.raises(errors.BuiltDatasetError, match=re.escape(f'{path} cannot be read: Object '
+                                                               'arrays cannot be loaded')):
+    records.read_npz(str(path))
+  assert not marker.exists()
