@@ -166,7 +166,7 @@ fi
 
 # 1. Compute-only train step, both recipes, vpr_jax (jit and pmap) vs PyTorch (eager,
 #    channels_last, compile).
-run compute 120 "$py" scripts/bench_train.py "${tiny[@]}" --modes compute --parallel jit,pmap \
+run compute 120 "$py" scripts/bench_train_compute.py "${tiny[@]}" --parallel jit,pmap \
   "${compute_extra[@]}" --output "$OUT/compute.json"
 # 2. End to end (seed recipe): original vs prepared JPEGs, device RandAugment, host pipeline
 #    alone, descriptors from prepared records; then the step with device RandAugment and

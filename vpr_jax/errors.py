@@ -29,6 +29,14 @@ class MalformedDatasetError(UserError, ValueError):
   """A benchmark folder exists but its content is not usable (empty, bad names, bad lists)."""
 
 
+class ArrayFileError(UserError, ValueError):
+  """A `.npy` / `.npz` file from someone else cannot be read: missing, truncated or not an array."""
+
+
+class UnsafeArrayFileError(ArrayFileError):
+  """A `.npy` / `.npz` file holds a pickle that is not plain data (code, objects): refused, never run."""
+
+
 class InvalidRadiusError(ConfigError):
   """The positive radius (config data.positive_radius_m) is not a finite number >= 0."""
 
