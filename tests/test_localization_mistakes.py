@@ -266,8 +266,9 @@ DAMAGED = {
     'FAISS file missing': (_file_damage('faiss', 'missing'), 'RuntimeError'),
     'FAISS file of a smaller index': (
         _swapped_faiss('half'), '10 vectors of dimension 64, the manifest says 20 of dimension 64'),
-    'images npz truncated': (_file_damage('images', 'truncated'), 'BadZipFile'),
-    'images npz pickled': (_pickled_npz, 'Object arrays cannot be loaded'),
+    'images npz truncated': (_file_damage('images', 'truncated'),
+                             'not a readable .npz archive'),
+    'images npz pickled': (_pickled_npz, 'UnsafeArrayFileError'),
 }
 
 

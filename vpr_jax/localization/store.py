@@ -23,7 +23,7 @@ yet (`read_pending`). After a commit, `clean_up` removes the earlier generations
 each by its own name: any other file in the folder is the user's and stays.
 
 Index folders come from other people too. Every file is read without unpickling
-(`allow_pickle=False`), and checked against the manifest when opened (row counts, descriptor size
+(`safe_numpy`), and checked against the manifest when opened (row counts, descriptor size
 and dtype, the FAISS index's size and dimension); a file that is missing, truncated or does not
 fit is refused with a `DamagedIndexError` naming it.
 """
@@ -46,6 +46,7 @@ import faiss
 import numpy as np
 
 from vpr_jax import fileio
+from vpr_jax import safe_numpy
 from vpr_jax.errors import DamagedIndexError
 from vpr_jax.errors import IndexMismatchError
 from vpr_jax.errors import IndexNotFoundError
@@ -239,8 +240,7 @@ def require_manifest(index_dir: str) -> dict[str, Any]:
 def _read_image_rows(path: str, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The arrays of images-G.npz, each with one entry per row of the manifest."""
   try:
-    with np.load(path, allow_pickle=False) as data:
-      rows = {k: data[k] for k in data.files}
+    rows = safe_numpy.load_npz(path)
     lengths = {name: len(rows[name]) for name in Rows.empty([], np.zeros((0, 1))).arrays()}
   except _READ_ERRORS as e:
     raise damaged(path, _why(e)) from None
@@ -253,7 +253,7 @@ def _read_image_rows(path: str, manifest: Mapping[str, Any]) -> dict[str, np.nda
 def _read_descriptors(path: str, manifest: Mapping[str, Any]) -> np.ndarray:
   """descriptors-G.npy memory-mapped, of the manifest's shape and dtype."""
   try:
-    descriptors = np.load(path, mmap_mode='r', allow_pickle=False)
+    descriptors = safe_numpy.load_npy(path, mmap_mode='r')
   except _READ_ERRORS as e:
     raise damaged(path, _why(e)) from None
   expected = (manifest['num_images'], manifest['descriptor_dim'])
@@ -320,11 +320,11 @@ def read_pending(index_dir: str, key: str) -> list[Rows]:
   pending_dir = os.path.join(index_dir, PENDING_SUBDIR)
   for path in sorted(glob.glob(os.path.join(pending_dir, 'part-*.npz'))):
     try:
-      with np.load(path, allow_pickle=False) as data:
-        if str(data['key']) != key:
-          logging.warning('Ignoring %s: embedded with another model or decode settings.', path)
-          continue
-        part = Rows.from_arrays(data, np.asarray(data['descriptors']))
+      data = safe_numpy.load_npz(path)
+      if str(data['key']) != key:
+        logging.warning('Ignoring %s: embedded with another model or decode settings.', path)
+        continue
+      part = Rows.from_arrays(data, np.asarray(data['descriptors']))
       part.check()
       parts.append(part)
     except _READ_ERRORS as e:

@@ -48,6 +48,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
 from vpr_jax import errors
+from vpr_jax import safe_numpy
 from vpr_jax.data.imaging import decode
 from vpr_jax.data.imaging import images
 from vpr_jax.errors import BuiltDatasetError
@@ -172,14 +173,14 @@ class NpzMetadata(tfds.core.Metadata):
 
 def read_npz(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(meta dict, arrays) of a file written by the builders (no pickles)."""
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      return (json.loads(str(data['meta'])),
-              {name: data[name] for name in data.files if name != 'meta'})
-  except FileNotFoundError:
+  if not os.path.isfile(path):
     raise BuiltDatasetError(f'{path} does not exist: the folder is not a dataset built by '
-                            'vpr_jax.data.tfds (or is incomplete).') from None
-  except (OSError, KeyError, ValueError) as e:
+                            'vpr_jax.data.tfds (or is incomplete).')
+  try:
+    # A prepared dataset may come from someone else: read without pickles.
+    arrays = safe_numpy.load_npz(path)
+    return json.loads(str(arrays.pop('meta'))), arrays
+  except (OSError, KeyError, ValueError) as e:  # ArrayFileError is a ValueError
     raise BuiltDatasetError(f'{path} cannot be read: {e}') from None
 
 

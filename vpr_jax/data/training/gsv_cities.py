@@ -61,6 +61,7 @@ from absl import logging
 import numpy as np
 
 from vpr_jax import fileio
+from vpr_jax import safe_numpy
 from vpr_jax.errors import ConfigError
 from vpr_jax.errors import DatasetError
 
@@ -665,10 +666,13 @@ def _save_cache(path: str, index: PlaceIndex):
 
 def _load_cache(path: str, root: str, fingerprint: str) -> PlaceIndex | None:
   try:
-    with np.load(path, allow_pickle=False) as data:
-      meta = json.loads(str(data['meta']))
-      arrays = {name: data[name] for name in _ARRAY_FIELDS}
-  except (OSError, KeyError, ValueError) as e:
+    # The cache sits beside the data, which may come from someone else: read without pickles.
+    data = safe_numpy.load_npz(path, keys=('meta',) + _ARRAY_FIELDS)
+    meta = json.loads(str(data['meta']))
+    arrays = {name: data[name] for name in _ARRAY_FIELDS}
+    if not isinstance(meta, dict):
+      raise ValueError(f'its meta is a JSON {type(meta).__name__}')
+  except (OSError, KeyError, ValueError) as e:  # ArrayFileError is a ValueError
     logging.warning('Ignoring unreadable place index cache %s (%s).', path, e)
     return None
   if meta.get('version') != _CACHE_VERSION or meta.get('fingerprint') != fingerprint:
