@@ -57,8 +57,9 @@ def get_model_config():
   model.mixvpr_mix_depth = 5
   model.mixvpr_mlp_ratio = 1
   model.mixvpr_out_rows = 4
-  # MixVPR row_proj bias: True as mldl24-vpr (the seed); the original MixVPR repository (and its
-  # released ResNet-50 checkpoints) has none. `vpr_jax.convert` sets it from the checkpoint.
+  # MixVPR row_proj bias: True as in the MixVPR repository (nn.Linear(hw, out_rows)) and
+  # mldl24-vpr (the seed); False builds it without one. `vpr_jax.convert` sets it from the
+  # checkpoint's keys (row_proj.bias present or not).
   model.mixvpr_row_proj_bias = True
   # SALAD: clusters m, cluster feature size l, global token size g (descriptor g + l * m), and
   # the dropout of its per-token MLPs in training (the authors' 0.3).
@@ -174,10 +175,12 @@ def get_config():
   loss.miner_params = ml_collections.ConfigDict({'epsilon': 0.1})
 
   optim = config.optim = ml_collections.ConfigDict()
-  # 'sgd' (with momentum) | 'adam' | 'adamw'.
+  # 'sgd' (torch.optim.SGD with momentum) | 'adamw' (torch.optim.AdamW) | 'adam' (also AdamW:
+  # what gsv-cities, MixVPR and mldl24-vpr build for optimizer='adam') | 'adam_l2'
+  # (torch.optim.Adam, weight decay added to the gradient).
   optim.optimizer = 'adamw'
   optim.learning_rate = 5e-4
-  # Decoupled for adamw; L2 added to the gradient for sgd/adam (as torch.optim does).
+  # Decoupled for adamw/adam; L2 added to the gradient for sgd/adam_l2 (as torch.optim does).
   optim.weight_decay = 1e-4
   optim.momentum = 0.9
   # lr * min(1, (step+1)/warmup_steps) over the first warmup_steps steps.

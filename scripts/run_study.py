@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 # name -> (config file, overrides). The seed's study: aggregators with MS loss and AdamW; MixVPR
-# with the three losses; MixVPR with the three optimisers.
+# with the three losses; MixVPR with the three optimisers ('adam' is AdamW, as in the seed).
 STUDY = {
     'avg': ('configs/avg.py', []),
     'gem': ('configs/gem.py', []),

@@ -41,6 +41,65 @@ def test_config_json_round_trip():
   assert isinstance(restored.data.cities, tuple)
 
 
+def test_config_json_records_the_version_of_its_names(tmp_path):
+  config = default.get_config()
+  run_config.write_config(str(tmp_path), config)
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)[run_config.CONFIG_VERSION_KEY] == run_config.CONFIG_VERSION
+  assert run_config.read_config(str(tmp_path)) == config  # the version is not a config field
+  newer = json.loads(run_config.config_to_json(config))
+  newer[run_config.CONFIG_VERSION_KEY] = run_config.CONFIG_VERSION + 1
+  (tmp_path / 'config.json').write_text(json.dumps(newer))
+  with pytest.raises(errors.CheckpointMismatchError,
+                     match=f'{run_config.CONFIG_VERSION_KEY} is {run_config.CONFIG_VERSION + 1}'):
+    run_config.read_config(str(tmp_path))
+
+
+def _old_checkpoint(directory, optimizer):
+  """A checkpoint folder as versions before config versions left it: config.json without one."""
+  old = default.get_config()
+  old.optim.optimizer = optimizer
+  os.makedirs(os.path.join(directory, 'latest', '3'))
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    f.write(run_config.config_to_json(old))
+
+
+def _with_optimizer(name):
+  config = default.get_config()
+  config.optim.optimizer = name
+  return config
+
+
+def test_an_older_adam_checkpoint_is_not_resumed_as_adamw(tmp_path):
+  """'adam' of a config.json without a version was torch's L2 Adam: never resumed as AdamW."""
+  directory = str(tmp_path / 'checkpoints')
+  _old_checkpoint(directory, 'adam')
+  config_text = open(os.path.join(directory, 'config.json')).read()
+  assert run_config.read_config(directory).optim.optimizer == 'adam_l2'
+  with pytest.raises(errors.CheckpointMismatchError) as error:
+    orbax_states.TrainCheckpointer(directory, _with_optimizer('adam'))
+  message = str(error.value)
+  assert '\n' not in message
+  assert "optim.optimizer='adam'" in message and '--config.optim.optimizer=adam_l2' in message
+  assert open(os.path.join(directory, 'config.json')).read() == config_text
+  # Another optimiser is the ordinary difference; the checkpoint's own one resumes.
+  with pytest.raises(errors.CheckpointMismatchError,
+                     match="optim.optimizer: checkpoint 'adam_l2', this run 'adamw'"):
+    run_config.check_resumable(directory, _with_optimizer('adamw'))
+  assert run_config.check_resumable(directory, _with_optimizer('adam_l2')) == []
+
+  # Names that kept their meaning resume as before; a config.json of today says what 'adam' is.
+  unchanged = str(tmp_path / 'unchanged')
+  _old_checkpoint(unchanged, 'adamw')
+  assert run_config.check_resumable(unchanged, _with_optimizer('adamw')) == []
+  current = str(tmp_path / 'current')
+  run_config.write_config(current, _with_optimizer('adam'))
+  os.makedirs(os.path.join(current, 'latest', '3'))
+  assert run_config.check_resumable(current, _with_optimizer('adam')) == []
+  with pytest.raises(errors.CheckpointMismatchError, match="checkpoint 'adam', this run 'adam_l2'"):
+    run_config.check_resumable(current, _with_optimizer('adam_l2'))
+
+
 def test_inference_checkpoint_round_trip_and_no_overwrite(tmp_path):
   config = default.get_config()
   out = tmp_path / 'converted'

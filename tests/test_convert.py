@@ -189,7 +189,7 @@ def test_detect_kind_and_loading_errors(tmp_path):
 
 
 def test_convert_checkpoint_writes_loadable_checkpoint(tmp_path):
-  """MixVPR as the original repository builds it (row_proj without bias), saved bare."""
+  """MixVPR saved without a row_proj bias (the keys decide), saved bare."""
   torch = pytest.importorskip('torch', reason='torch is the reference implementation')
   config = small_config('mixvpr')
   reference_config = small_config('mixvpr', mixvpr_row_proj_bias=False)

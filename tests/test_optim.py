@@ -108,9 +108,10 @@ def _run_both(torch, name, dtype, num_steps):
     params = optax.apply_updates(params, updates)
 
   weight = torch.nn.Parameter(torch.tensor(init))
-  if name == 'adamw':
+  if name in ('adamw', 'adam'):
+    # The family's configure_optimizers builds AdamW for optimizer='adam'.
     opt = torch.optim.AdamW([weight], lr=0.01, weight_decay=0.1)
-  elif name == 'adam':
+  elif name == 'adam_l2':
     opt = torch.optim.Adam([weight], lr=0.01, weight_decay=0.1)
   else:
     opt = torch.optim.SGD([weight], lr=0.01, momentum=0.9, weight_decay=0.1)
@@ -121,14 +122,14 @@ def _run_both(torch, name, dtype, num_steps):
   return np.asarray(params['w']), weight.detach().numpy()
 
 
-@pytest.mark.parametrize('name', ['adamw', 'adam', 'sgd'])
+@pytest.mark.parametrize('name', ['adamw', 'adam', 'adam_l2', 'sgd'])
 def test_one_step_matches_torch_optim(name):
   torch = pytest.importorskip('torch', reason='torch.optim is the reference optimiser')
   ours, theirs = _run_both(torch, name, np.float32, num_steps=1)
   np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
-@pytest.mark.parametrize('name', ['adamw', 'adam', 'sgd'])
+@pytest.mark.parametrize('name', ['adamw', 'adam', 'adam_l2', 'sgd'])
 def test_several_steps_match_torch_optim_in_float64(name):
   # float64 removes rounding noise, so momentum, bias correction and decay order are what is
   # compared over several steps.

@@ -1,11 +1,16 @@
 """Optimisers and learning-rate schedules with torch.optim semantics.
 
-Every default is set explicitly to torch.optim's so that a recipe ported from the PyTorch family
-trains the same way:
-  - 'adamw': torch.optim.AdamW (betas (0.9, 0.999), eps 1e-8, decoupled decay p -= lr * wd * p).
-  - 'adam':  torch.optim.Adam (same betas/eps; weight_decay is L2: wd * p added to the gradient).
-  - 'sgd':   torch.optim.SGD with momentum (dampening 0, nesterov False, buf = m * buf + g; weight
-             decay added to the gradient).
+Every name builds what the gsv-cities family's `configure_optimizers` builds for it, and every
+default is set explicitly to torch.optim's, so that a recipe ported from the PyTorch family trains
+the same way:
+  - 'adamw':   torch.optim.AdamW (betas (0.9, 0.999), eps 1e-8, decoupled decay
+               p -= lr * wd * p).
+  - 'adam':    the same AdamW: gsv-cities, MixVPR and mldl24-vpr build torch.optim.AdamW for
+               optimizer='adam'.
+  - 'adam_l2': torch.optim.Adam (same betas/eps; weight_decay is L2: wd * p added to the
+               gradient before the moments).
+  - 'sgd':     torch.optim.SGD with momentum (dampening 0, nesterov False, buf = m * buf + g;
+               weight decay added to the gradient).
 The learning rate is lr * warmup(step) * decay(step): a linear warmup by step,
 min(1, (step + 1) / warmup_steps), times MultiStepLR by epoch (gamma ** number of milestones
 <= epoch, epoch = step // steps_per_epoch), a cosine decay to 0 over all steps, or a constant.
@@ -25,7 +30,7 @@ import optax
 
 from vpr_jax.errors import ConfigError
 
-OPTIMIZERS = ('sgd', 'adam', 'adamw')
+OPTIMIZERS = ('sgd', 'adam', 'adamw', 'adam_l2')
 SCHEDULES = ('multistep', 'cosine', 'constant', 'linear')
 
 # torch.optim defaults.
@@ -158,7 +163,8 @@ def _base_optimizer(optim_config: ml_collections.ConfigDict,
   name = optim_config.optimizer
   weight_decay = float(optim_config.weight_decay)
   b1, b2 = ADAM_BETAS
-  if name == 'adamw':
+  if name in ('adamw', 'adam'):
+    # The family's configure_optimizers builds torch.optim.AdamW for both names.
     # optax adds wd * p to the Adam direction before scaling by -lr: p - lr * (adam + wd * p),
     # which is torch's p * (1 - lr * wd) - lr * adam.
     return optax.chain(
@@ -166,7 +172,7 @@ def _base_optimizer(optim_config: ml_collections.ConfigDict,
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(schedule),
     )
-  if name == 'adam':
+  if name == 'adam_l2':
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         scale_by_torch_adam(b1=b1, b2=b2, eps=ADAM_EPS),

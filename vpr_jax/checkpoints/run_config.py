@@ -2,6 +2,12 @@
 
 A training run saves its whole ConfigDict as `config.json` beside its checkpoints; evaluation and
 resumption read it back, so the config is the single source of truth about a checkpoint.
+
+`config.json` also records the version of the names it uses (`CONFIG_VERSION_KEY`), so that a
+name whose meaning changed is read back with the meaning it had when the file was written:
+  1 (no version recorded): optim.optimizer='adam' was torch.optim.Adam (L2 weight decay); it is
+    read as 'adam_l2', that optimiser's name now.
+  2: 'adam' is AdamW, as the gsv-cities family's configure_optimizers builds it.
 """
 
 import json
@@ -14,6 +20,10 @@ from vpr_jax import fileio
 from vpr_jax.checkpoints import runs
 from vpr_jax.errors import CheckpointMismatchError
 from vpr_jax.errors import CheckpointNotFoundError
+
+CONFIG_VERSION = 2
+# Top-level key of config.json beside the config's fields; not a config field itself.
+CONFIG_VERSION_KEY = 'vpr_jax_config_version'
 
 # Config fields that may differ between a checkpoint and the run that resumes it: they change how
 # the run is driven (length, logging, paths, worker counts), not what is being trained.
@@ -100,18 +110,54 @@ def config_differences(saved, current, ignore: Sequence[str] = ()) -> list[str]:
   return lines
 
 
-def read_config(directory: str) -> ml_collections.ConfigDict:
-  """Reads `directory/config.json`, with a clear error when it is missing or unreadable."""
+def _in_current_names(fields: dict, version: int) -> dict:
+  """The fields of a config.json of `version`, renamed to today's names of the same choices."""
+  optim_fields = fields.get('optim')
+  if version < 2 and isinstance(optim_fields, dict) and optim_fields.get('optimizer') == 'adam':
+    optim_fields['optimizer'] = 'adam_l2'
+  return fields
+
+
+def _read_saved_config(directory: str) -> tuple[ml_collections.ConfigDict, int]:
+  """(config in today's names, the version of the names the file was written with)."""
   path = os.path.join(directory, runs.CONFIG_FILENAME)
   if not os.path.isfile(path):
     raise CheckpointNotFoundError(
         f'{path} not found: a checkpoint directory holds {runs.CONFIG_FILENAME}.')
   try:
     with open(path) as f:
-      return config_from_json(f.read())
+      fields = json.loads(f.read())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointMismatchError(
         f'{path} is not valid JSON ({e}); the checkpoint may be truncated.') from e
+  if not isinstance(fields, dict):
+    raise CheckpointMismatchError(f'{path} holds a JSON {type(fields).__name__}, expected an '
+                                  'object of config fields.')
+  version = fields.pop(CONFIG_VERSION_KEY, 1)
+  if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= (
+      CONFIG_VERSION):
+    raise CheckpointMismatchError(
+        f'{path}: {CONFIG_VERSION_KEY} is {version!r}; this vpr_jax reads versions 1 to '
+        f'{CONFIG_VERSION} (a newer vpr_jax wrote it?).')
+  return ml_collections.ConfigDict(_lists_to_tuples(_in_current_names(fields, version))), version
+
+
+def read_config(directory: str) -> ml_collections.ConfigDict:
+  """Reads `directory/config.json` in today's names, with a clear error when it is missing or
+  unreadable (an older file's renamed choices are read under their new names)."""
+  return _read_saved_config(directory)[0]
+
+
+def _check_renamed_choices(directory: str, saved: ml_collections.ConfigDict, version: int,
+                           config: ml_collections.ConfigDict) -> None:
+  """Refuses a resume where a name of the checkpoint's config.json now means another choice."""
+  if (version < 2 and flatten_config(saved).get('optim.optimizer') == 'adam_l2'
+      and flatten_config(config).get('optim.optimizer') == 'adam'):
+    raise CheckpointMismatchError(
+        f"{os.path.join(directory, runs.CONFIG_FILENAME)} says optim.optimizer='adam', written "
+        "when 'adam' was torch.optim.Adam (L2 weight decay); 'adam' now builds AdamW as the "
+        "gsv-cities family does. Resume with --config.optim.optimizer=adam_l2 to keep the "
+        "checkpoint's optimiser, or train 'adam' in another workdir.")
 
 
 def check_resumable(directory: str, config: ml_collections.ConfigDict) -> list[str]:
@@ -137,7 +183,8 @@ def check_resumable(directory: str, config: ml_collections.ConfigDict) -> list[s
     # resume, so nothing blocks a corrected rerun (which writes its own config.json).
     return []
   if os.path.exists(os.path.join(directory, runs.CONFIG_FILENAME)):
-    saved = read_config(directory)
+    saved, version = _read_saved_config(directory)
+    _check_renamed_choices(directory, saved, version, config)
     differences = config_differences(saved, config, ignore=RESUMABLE_CONFIG_FIELDS)
     if differences:
       raise CheckpointMismatchError(
@@ -151,5 +198,11 @@ def check_resumable(directory: str, config: ml_collections.ConfigDict) -> list[s
 
 
 def write_config(directory: str, config: ml_collections.ConfigDict) -> None:
-  """Writes `directory/config.json` atomically (the folder is created if missing)."""
-  fileio.atomic_write(os.path.join(directory, runs.CONFIG_FILENAME), config_to_json(config))
+  """Writes `directory/config.json` atomically (the folder is created if missing), with the
+  version of the names it uses."""
+  fields = json.loads(config_to_json(config))
+  if CONFIG_VERSION_KEY in fields:
+    raise ValueError(f'{CONFIG_VERSION_KEY} is reserved in config.json; it is not a config field.')
+  fields[CONFIG_VERSION_KEY] = CONFIG_VERSION
+  fileio.atomic_write(os.path.join(directory, runs.CONFIG_FILENAME),
+                      json.dumps(fields, indent=2, sort_keys=True))

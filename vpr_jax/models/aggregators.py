@@ -164,7 +164,8 @@ class MixVPR(nn.Module):
     mlp_ratio: mixer hidden width = int(H * W * mlp_ratio).
     out_rows: row projection width.
     in_hw: expected (H, W) of the input, checked when given (the mixer width depends on it).
-    row_proj_bias: the mldl24-vpr module has a bias in row_proj; the original MixVPR one has none.
+    row_proj_bias: whether row_proj has a bias; the MixVPR repository's (nn.Linear(hw,
+      out_rows)) and mldl24-vpr's have one. False serves checkpoints saved without it.
     dtype: compute dtype of the Linear layers.
   """
   out_channels: int = 256
