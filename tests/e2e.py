@@ -279,3 +279,14 @@ def write_hostile_split(split_dir: str, marker: str, prefix: str = 'x') -> None:
   gt = np.empty(1, dtype=object)
   gt[0] = RunsCode(marker)
   np.save(os.path.join(split_dir, f'{prefix}_gt.npy'), gt, allow_pickle=True)
+
+
+class PickleMarker:
+  """Unpickling this runs `touch <path>`: hostile files carry it, and the marker file shows
+  whether a reader unpickled anything (it must never exist)."""
+
+  def __init__(self, path):
+    self.path = str(path)
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.path}',))

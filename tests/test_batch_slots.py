@@ -102,6 +102,64 @@ def test_no_shared_memory_left_gives_the_usual_transport(monkeypatch, caplog):
   assert not _own_segments()
 
 
+class _StatVfs:
+  """What os.statvfs returns, for a file system with `free` bytes available."""
+
+  def __init__(self, free):
+    self.f_frsize, self.f_bavail = 4096, free // 4096
+
+
+BATCH_BYTES = int(np.prod(SHAPE))
+
+
+@pytest.mark.parametrize('free, reuse, expected, warned', [
+    (1 << 30, True, batch_slots.SLOTS, None),
+    (1 << 30, False, batch_slots.GRAIN_SEGMENTS, None),
+    # Room for grain's segments (2 workers x (2 queued + 2)) but not for 2 x 5 slots.
+    (9 * 4096, True, batch_slots.GRAIN_SEGMENTS, 'batch slots need'),
+    # Not even one batch per worker: the pipes, with what to change.
+    (2 * 4096, True, batch_slots.PIPES, '--shm-size'),
+    (2 * 4096, False, batch_slots.PIPES, 'data.num_workers'),
+])
+def test_transport_follows_the_free_shared_memory(free, reuse, expected, warned, monkeypatch,
+                                                  caplog):
+  measured = []
+  monkeypatch.setattr(os, 'statvfs', lambda folder: measured.append(folder) or _StatVfs(free))
+  with caplog.at_level(logging.WARNING):
+    transport = batch_slots.choose_transport(2, 5, 2, BATCH_BYTES, reuse)
+  assert transport == expected and measured == ['/dev/shm']
+  if warned:
+    assert warned in caplog.text and 'MB free' in caplog.text, caplog.text
+  else:
+    assert not caplog.text
+
+
+@pytest.mark.slow
+def test_a_tiny_dev_shm_gives_correct_batches_through_pipes(index, monkeypatch):
+  """/dev/shm smaller than the batches in flight (as a container's --shm-size=256k is for real
+  batches): no slot, no grain segment, no SIGBUS."""
+  config = pipeline_tests._config()  # pylint: disable=protected-access
+  reference = list(train_pipeline.make_train_iterator(index, config, seed=0, num_workers=0))
+  one_batch = reference[0]['images'].nbytes
+  real_statvfs = os.statvfs
+  monkeypatch.setattr(os, 'statvfs', lambda folder: _StatVfs(one_batch) if folder == '/dev/shm'
+                      else real_statvfs(folder))
+  with train_pipeline.make_train_iterator(index, config, seed=0, num_workers=1) as it:
+    batches = list(it)
+    assert it.transport == batch_slots.PIPES
+    assert not _own_segments()
+  # Pickled through the pipe: plain arrays, neither a slot nor one of grain's segments.
+  assert not any(_slot_backed(b['images']) or _grain_segment(b['images']) for b in batches)
+  pipeline_tests._assert_same_batches(batches, reference)  # pylint: disable=protected-access
+
+
+def _grain_segment(array):
+  base = array
+  while isinstance(base, np.ndarray) and type(base).__name__ != 'SharedMemoryArray':
+    base = base.base
+  return type(base).__name__ == 'SharedMemoryArray'
+
+
 def test_outside_a_worker_there_is_no_slot():
   assert batch_slots.acquire(SHAPE) is None
 

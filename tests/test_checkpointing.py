@@ -112,7 +112,7 @@ def test_inference_checkpoint_round_trip_and_no_overwrite(tmp_path):
   _assert_trees_equal(loaded, variables)
   assert isinstance(loaded['params']['conv']['kernel'], np.ndarray)
 
-  with pytest.raises(FileExistsError, match='not empty'):
+  with pytest.raises(errors.OutputPathError, match='not empty'):
     orbax_states.save_inference_checkpoint(str(out), config, _variables(width=5))
   _assert_trees_equal(orbax_states.load_for_eval(str(out))[1], variables)
 

@@ -1,6 +1,7 @@
 """PyTorch checkpoint conversion: torchvision backbones, family checkpoints, errors, CLI."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -284,19 +285,60 @@ def test_overwrite_replaces_only_a_converted_checkpoint(tmp_path):
   converter.convert_checkpoint(config, str(path), str(out), overwrite=True)
   assert sorted(os.listdir(out)) == converted
 
-  # With a file of the user's beside it: refused before any work, nothing touched.
-  (out / 'notes.txt').write_text('keep me')
-  before = e2e.file_snapshot(str(out))
-  with pytest.raises(errors.OutputPathError, match=r'did not write \(notes.txt\)'):
-    converter.convert_checkpoint(config, str(path), str(out), overwrite=True)
-  assert e2e.file_snapshot(str(out)) == before
+  # With a file of the user's beside it, or anywhere inside it: refused before any work,
+  # nothing touched.
+  for notes in (out / 'notes.txt', out / 'latest' / 'notes.txt', out / 'latest' / '0' / 'n.txt'):
+    notes.write_text('keep me')
+    before = e2e.file_snapshot(str(out))
+    relative = re.escape(os.path.relpath(notes, out))
+    with pytest.raises(errors.OutputPathError, match=rf'did not write \({relative}\)'):
+      converter.convert_checkpoint(config, str(path), str(out), overwrite=True)
+    assert e2e.file_snapshot(str(out)) == before
+    notes.unlink()
 
   # A training workdir (metrics, checkpoints/...) given as --out by mistake.
   workdir = tmp_path / 'run'
   (workdir / 'checkpoints').mkdir(parents=True)
   (workdir / 'metrics.jsonl').write_text('{"step": 1}\n')
   (workdir / 'config.json').write_text('{}')
-  with pytest.raises(errors.OutputPathError, match=r'did not write \(checkpoints, metrics.jsonl\)'):
+  with pytest.raises(errors.OutputPathError,
+                     match=r'not a checkpoint written by this version\) \(config.json, '
+                     r'metrics.jsonl\)'):
     converter.convert_checkpoint(config, str(path), str(workdir), overwrite=True)
   assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'metrics.jsonl']
   assert sorted(os.listdir(tmp_path)) == ['converted', 'gem.pth', 'run']
+
+
+def _convert_cli(tmp_path, *flags):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run(
+      [sys.executable, '-m', 'vpr_jax.convert', f'--config={gem_config_file(tmp_path)}',
+       *flags], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_refuses_an_out_it_cannot_replace_in_one_line(tmp_path):
+  """--out a file; --overwrite over a checkpoint with a file of the user's inside latest/."""
+  weights = tmp_path / 'weights.pth'
+  weights.write_bytes(b'never read: the output is checked first')
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('mine')
+  result = _convert_cli(tmp_path, f'--torch-checkpoint={weights}', f'--out={a_file}')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"OutputPathError: --out {str(a_file)!r} is a file; expected a folder.")
+  assert a_file.read_text() == 'mine'
+
+  # A converted checkpoint (as the converter leaves it) with the user's notes in latest/.
+  out = tmp_path / 'converted'
+  orbax_states.save_inference_checkpoint(str(out), small_config('gem'),
+                                         vpr_model.init_variables(
+                                             vpr_model.build_model(small_config('gem')),
+                                             jax.random.key(0)))
+  (out / 'latest' / 'notes.txt').write_text('mine')
+  before = e2e.file_snapshot(str(out))
+  result = _convert_cli(tmp_path, f'--torch-checkpoint={weights}', f'--out={out}', '--overwrite')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('OutputPathError: ') and 'did not write (latest/notes.txt)' in last, last
+  assert e2e.file_snapshot(str(out)) == before

@@ -1,8 +1,10 @@
 """`python -m vpr_jax.prepare` with mistakes: one line naming the value, status 1, no output."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,13 +13,17 @@ from tests import e2e
 CITIES = ('SynthA', 'SynthB')  # The synthetic dataset of tests/conftest.py.
 
 
-def _run(tmp_path, data_root, *args, out=None):
+def _command(tmp_path, data_root, *args, out=None):
   out = out or tmp_path / 'prepared'
-  command = [sys.executable, '-m', 'vpr_jax.prepare',
+  return [sys.executable, '-m', 'vpr_jax.prepare',
              f'--config={os.path.join(e2e.REPO_ROOT, "configs", "default.py")}', f'--out={out}',
              f'--data_root={data_root}', '--config.data.train_dir=gsv_cities',
              f'--config.data.cities={CITIES!r}', f'--config.data.cache_dir={tmp_path / "cache"}',
              '--num_workers=0', *args]
+
+
+def _run(tmp_path, data_root, *args, out=None):
+  command = _command(tmp_path, data_root, *args, out=out)
   env = dict(os.environ, PYTHONPATH=e2e.REPO_ROOT, JAX_PLATFORMS='cpu')
   env.pop('VPR_DATA_ROOT', None)
   return subprocess.run(command, cwd=e2e.REPO_ROOT, env=env, capture_output=True, text=True,
@@ -34,6 +40,13 @@ BAD_ARGUMENTS = {
                                '(0, 0)'),
     'size and short side': (['--image_size=8,8', '--short_side=8'],
                             'give --image_size or --short_side, not both'),
+    'image size above the bound': (['--image_size=100000,100000'],
+                                   '--image_size must be at most 8192 pixels a side (the bound on '
+                                   'prepared images: one RGB image of that size already takes '
+                                   '192 MiB in every worker), got 100000,100000'),
+    'short side above the bound': (['--short_side=8193'], '--short_side must be at most 8192'),
+    'config image size above the bound': (['--config.image_size=(9000, 64)'],
+                                          'config image_size must be at most 8192'),
     'short side negative': (['--short_side=-3'], '--short_side must be a positive integer, got -3'),
     'quality zero': (['--image_size=8,8', '--quality=0'], '--quality must be in 1..100, got 0'),
     'negative workers': (['--image_size=8,8', '--num_workers=-2'],
@@ -157,3 +170,38 @@ def test_a_list_file_that_runs_code_is_refused_and_never_run(tmp_path):
   assert line.startswith('UnsafeArrayFileError: ') and 'x_gt.npy' in line, line
   assert not marker.exists()
   assert not out.exists() or not any(out.rglob('dataset_info.json'))
+
+
+@pytest.mark.parametrize('signal_number', [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_while_building_is_one_line(signal_number, synthetic_root, tmp_path):
+  """Ctrl-C reaches the whole process group (the workers too): one line, status 128 + signal."""
+  out = tmp_path / 'prepared'
+  # Upscaled to 4096 x 4096, the 96 images take long enough (seconds) to be interrupted.
+  command = _command(tmp_path, synthetic_root, '--image_size=4096,4096', '--num_workers=2',
+                     out=out)
+  env = dict(os.environ, PYTHONPATH=e2e.REPO_ROOT, JAX_PLATFORMS='cpu')
+  env.pop('VPR_DATA_ROOT', None)
+  process = subprocess.Popen(command, cwd=e2e.REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    assert process.stdout.readline().startswith('Preparing 96 images')
+    time.sleep(2.0)  # the workers have started and are encoding
+    if signal_number == signal.SIGINT:
+      os.killpg(process.pid, signal_number)  # what a terminal's Ctrl-C does
+    else:
+      process.send_signal(signal_number)  # what a scheduler does: the main process only
+    stdout, stderr = process.communicate(timeout=60)
+  finally:
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.wait()
+  assert process.returncode == 128 + signal_number, stderr[-3000:]
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  assert 'KeyboardInterrupt' not in stderr, stderr[-3000:]
+  name = signal.Signals(signal_number).name
+  assert stderr.strip().splitlines()[-1] == (
+      f'Stopped by {name}: nothing was built (a dataset appears only when complete); run the '
+      'same command to start over.'), stderr[-3000:]
+  assert 'Done:' not in stdout
+  built = [folder for folder, _, names in os.walk(out) if 'dataset_info.json' in names]
+  assert built == []

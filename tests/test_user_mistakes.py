@@ -12,8 +12,10 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
+import numpy as np
 import pytest
 
 from tests import e2e
@@ -22,6 +24,8 @@ from vpr_jax import fileio
 from vpr_jax.checkpoints import orbax_states
 from vpr_jax.checkpoints import run_config
 from vpr_jax.configs import default
+from vpr_jax.data.tfds import records
+from vpr_jax.data.tfds import training_set
 from vpr_jax.data.training import gsv_cities
 from vpr_jax.data.training import train_pipeline
 from vpr_jax.evaluation import evaluate
@@ -104,6 +108,30 @@ def test_signal_saves_the_current_step_and_the_rerun_resumes(signal_number, data
     assert status == 0, output[-3000:]
     assert f'at step {step}.' in output
     assert [r['step'] for r in e2e.train_records(workdir)] == list(range(1, 41))
+
+
+def test_a_second_ctrl_c_before_the_first_step_is_one_line(data_root, tmp_path, tmp_path_factory):
+  workdir = str(tmp_path / 'run')
+  run = e2e.start_train(workdir, data_root, e2e.tiny_overrides(),
+                        e2e.subprocess_env(tmp_path_factory), 'interrupted',
+                        module='vpr_jax.train')
+  try:
+    # The lock is taken just before the stop handlers are installed, well before the first step.
+    e2e.wait_for_file(os.path.join(workdir, '.lock'), run)
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)  # handled: stop after the current step
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)  # at once
+    e2e.wait_or_kill(run, 60)
+  finally:
+    if run.poll() is None:
+      run.kill()
+  output = e2e.output_of(run)
+  assert run.returncode == 130, output[-3000:]
+  assert 'Traceback' not in output and 'KeyboardInterrupt' not in output, output[-3000:]
+  assert output.strip().splitlines()[-1] == (
+      'Stopped by SIGINT: stopped at once, without saving; run the same command to resume from '
+      'the last checkpoint.'), output[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,3 +306,36 @@ def test_result_files_get_the_umask_permissions(tmp_path):
     assert (os.stat(path).st_mode & 0o777) == 0o664
   finally:
     os.umask(previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile files beside the data: never unpickled (the marker file shows it).
+
+
+def _hostile_npz(path, marker, **arrays):
+  np.savez(path, meta=np.array([e2e.PickleMarker(marker)], dtype=object), **arrays)
+
+
+def test_a_pickled_place_index_cache_is_ignored_and_rebuilt(synthetic_root, tmp_path, caplog):
+  root = os.path.join(str(synthetic_root), 'gsv_cities')
+  cache = tmp_path / 'cache'
+  cities = ('SynthA', 'SynthB')
+  built = gsv_cities.build_place_index(root, 'gsv_cities', cities, 2, cache_dir=str(cache))
+  (cache_file,) = cache.iterdir()
+  marker = tmp_path / 'unpickled'
+  _hostile_npz(cache_file, marker, image_paths=built.image_paths)
+  rebuilt = gsv_cities.build_place_index(root, 'gsv_cities', cities, 2, cache_dir=str(cache))
+  assert 'Ignoring unreadable place index cache' in caplog.text
+  np.testing.assert_array_equal(rebuilt.image_paths, built.image_paths)
+  assert not marker.exists()
+
+
+def test_a_pickled_prepared_table_is_refused_in_one_line(tmp_path):
+  path = tmp_path / training_set.PLACE_INDEX_FILE
+  marker = tmp_path / 'unpickled'
+  _hostile_npz(path, marker)
+  with pytest.raises(errors.BuiltDatasetError,
+                     match=re.escape(f'{path} cannot be read: {str(path)!r} (array \'meta\') is '
+                                     'refused: its pickle names posix.system')):
+    records.read_npz(str(path))
+  assert not marker.exists()

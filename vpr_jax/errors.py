@@ -126,7 +126,7 @@ class OutputPathError(UserError, OSError):
 
 
 class WorkdirLockedError(UserError, OSError):
-  """Another process holds the workdir's lock (it is training, or evaluating into it)."""
+  """Another process holds the lock of a workdir (it is training) or of an index folder."""
 
 
 class WorkdirNotUsableError(UserError, OSError):
@@ -139,6 +139,10 @@ class IndexNotFoundError(UserError, FileNotFoundError):
 
 class IndexMismatchError(UserError, ValueError):
   """An index was built with another model, weights or preprocessing than the one given."""
+
+
+class DamagedIndexError(IndexMismatchError):
+  """A file of an index folder is missing, truncated, unreadable or does not fit its manifest."""
 
 
 class ImageFolderError(UserError, ValueError):

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
@@ -28,11 +27,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vpr_jax import fileio
 from vpr_jax.checkpoints import run_config
 from vpr_jax.checkpoints import runs
 from vpr_jax.errors import CheckpointMismatchError
 from vpr_jax.errors import CheckpointNotFoundError
 from vpr_jax.errors import CheckpointWriteError
+from vpr_jax.errors import OutputPathError
 
 _ITEM_HANDLERS = {
     'variables': ocp.StandardCheckpointHandler,
@@ -222,39 +223,70 @@ def _to_numpy(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+def check_inference_checkpoint_target(directory: str, overwrite: bool = False,
+                                      what: str = 'output directory') -> str:
+  """Checks, before any work, that an inference checkpoint may be written at `directory`.
+
+  Args:
+    directory: where the checkpoint will go.
+    overwrite: whether an existing checkpoint there may be replaced.
+    what: the flag that named it, for the messages.
+
+  Returns:
+    The absolute path.
+
+  Raises:
+    OutputPathError: `directory` is a file (or under one, or not writable); it is not empty and
+      `overwrite` is False; or it holds a file that no earlier save wrote (`overwrite` replaces
+      the whole folder, so it only replaces a checkpoint whose record lists every file in it).
+  """
+  directory = fileio.check_output_folder(directory, what)
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    return directory
+  if not overwrite:
+    raise OutputPathError(f'{what} {directory} already exists and is not empty; choose another '
+                          'output directory or pass overwrite=True (CLI: --overwrite).')
+  foreign = fileio.files_not_written(directory)
+  if foreign:
+    record = os.path.join(directory, fileio.WRITTEN_FILES_RECORD)
+    why = ('' if os.path.isfile(record) else
+           f' (it has no {fileio.WRITTEN_FILES_RECORD}: not a checkpoint written by this version)')
+    raise OutputPathError(
+        f'{what} {directory} holds files that this converter did not write'
+        f'{why} ({", ".join(foreign[:5])}{", ..." if len(foreign) > 5 else ""}); overwrite '
+        'only replaces a converted checkpoint. Choose another output directory.')
+  return directory
+
+
 @_quietly
 def save_inference_checkpoint(directory: str, config: ml_collections.ConfigDict,
                               variables: Mapping[str, Any], overwrite: bool = False) -> str:
   """Writes a checkpoint that holds only model variables (used by the converter).
 
-  The checkpoint is written into a temporary sibling folder and renamed into place when complete,
-  so `directory` either holds the whole checkpoint or is left as it was.
+  The checkpoint is written into a temporary sibling folder, which lists its files
+  (`fileio.record_written_files`), and moved into place when complete
+  (`fileio.replace_folder`), so `directory` either holds the whole checkpoint or is left as it
+  was.
 
   Args:
     directory: where to write; must not exist, or be empty (or `overwrite`).
     config: the full configuration the variables belong to.
     variables: {'params': ..., 'batch_stats': ...} (numpy or JAX arrays).
-    overwrite: replace an existing non-empty `directory`.
+    overwrite: replace an existing checkpoint written by this function (a folder holding any
+      other file is refused).
 
   Returns:
     The absolute path of the checkpoint directory.
+
+  Raises:
+    OutputPathError: see `check_inference_checkpoint_target`.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  if os.path.exists(directory):
-    if not os.path.isdir(directory):
-      raise FileExistsError(f'{directory} exists and is not a directory.')
-    if os.listdir(directory) and not overwrite:
-      raise FileExistsError(
-          f'{directory} already exists and is not empty; refusing to overwrite it. Choose another '
-          'output directory or remove this one.')
+  directory = check_inference_checkpoint_target(directory, overwrite, 'checkpoint directory')
   missing = {'params', 'batch_stats'} - set(variables)
   if missing:
     raise ValueError(f'variables must have keys params and batch_stats; missing {sorted(missing)}.')
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tag = f'{os.getpid()}-{uuid.uuid4().hex[:8]}'
-  tmp = os.path.join(parent, f'.{os.path.basename(directory)}.tmp-{tag}')
-  old = os.path.join(parent, f'.{os.path.basename(directory)}.old-{tag}')
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  tmp = fileio.sibling_temp_folder(directory)
   try:
     os.makedirs(tmp)
     run_config.write_config(tmp, config)
@@ -263,18 +295,11 @@ def save_inference_checkpoint(directory: str, config: ml_collections.ConfigDict,
     manager.save(0, args=ocp.args.Composite(variables=ocp.args.StandardSave(_to_numpy(variables))))
     manager.wait_until_finished()
     manager.close()
-    if os.path.exists(directory):
-      if os.listdir(directory):
-        os.rename(directory, old)
-      else:
-        os.rmdir(directory)
-    os.rename(tmp, directory)
+    fileio.record_written_files(tmp)
+    fileio.replace_folder(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.exists(old) and not os.path.exists(directory):
-      os.rename(old, directory)
     raise
-  shutil.rmtree(old, ignore_errors=True)
   return directory
 
 

@@ -6,9 +6,11 @@ exits with status 1. Any other exception keeps its traceback.
 """
 
 import difflib
+import functools
 import importlib.resources
 import os
 import runpy
+import signal
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -166,12 +168,60 @@ def report_user_errors(fn: Callable[..., Any], *args, **kwargs) -> Any:
     raise SystemExit(f'{type(e).__name__}: {e}') from None
 
 
-def run(main: Callable[[list[str]], Any], argv: Optional[Sequence[str]] = None) -> None:
-  """Runs `main` under absl after `rewrite_argv`; errors in the command line are one line too."""
+class Interrupted(KeyboardInterrupt):
+  """Raised in the main thread by SIGTERM where `run` turns it into an exception (as Ctrl-C is).
+
+  A KeyboardInterrupt, so that `except Exception` clean-up code does not swallow it while the
+  `finally` blocks (temporary files removed, worker processes stopped) still run.
+  """
+
+  def __init__(self, signal_number: int):
+    super().__init__(signal_number)
+    self.signal_number = signal_number
+
+
+def _raise_interrupted(signal_number: int, frame: Any) -> None:
+  del frame  # Unused.
+  raise Interrupted(signal_number)
+
+
+def interrupted_line(signal_number: int, outcome: str) -> str:
+  """The line a command prints when a signal stops it: 'Stopped by SIGINT: <outcome>'."""
+  return f'Stopped by {signal.Signals(signal_number).name}: {outcome}'
+
+
+def _main_stopping_on_signals(main: Callable[[list[str]], Any], outcome: str,
+                              argv: list[str]) -> Any:
+  """Runs `main`; Ctrl-C (and SIGTERM, once `run` made it an exception) ends with one line."""
+  try:
+    return main(argv)
+  except KeyboardInterrupt as e:
+    number = e.signal_number if isinstance(e, Interrupted) else int(signal.SIGINT)
+    print(interrupted_line(number, outcome), file=sys.stderr, flush=True)
+    # The shell's convention for a job ended by a signal: 128 + its number (130, 143).
+    raise SystemExit(128 + number) from None
+
+
+def run(main: Callable[[list[str]], Any], argv: Optional[Sequence[str]] = None,
+        interrupted: str = 'stopped before the end; no file was left half-written.',
+        sigterm_as_interrupt: bool = False) -> None:
+  """Runs `main` under absl after `rewrite_argv`; errors in the command line are one line too.
+
+  Args:
+    main: the command's main(argv).
+    argv: the command line (default sys.argv).
+    interrupted: what a Ctrl-C leaves behind, printed after 'Stopped by SIGINT: ' instead of a
+      KeyboardInterrupt traceback (exit status 130).
+    sigterm_as_interrupt: SIGTERM ends the command as Ctrl-C does (the same line, status 143,
+      the `finally` clean-up run), instead of killing it at once. For commands whose work is
+      resumable and that have no stop handling of their own (training has: it saves first).
+  """
   argv = list(sys.argv if argv is None else argv)
   try:
     argv = rewrite_argv(argv)
     check_config_overrides(argv)
   except errors.UserError as e:
     raise SystemExit(f'{type(e).__name__}: {e}') from None
-  app.run(main, argv=argv)
+  if sigterm_as_interrupt and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+  app.run(functools.partial(_main_stopping_on_signals, main, interrupted), argv=argv)

@@ -49,7 +49,7 @@ def main(argv):
 
 def run():
   """Console entry point: accepts dashed flag names, then runs `main` under absl."""
-  common.run(main)
+  common.run(main, interrupted='nothing was written.')
 
 
 if __name__ == '__main__':

@@ -67,7 +67,8 @@ def main(argv):
 def run():
   """Console entry point: accepts dashed flag names, then runs `main` under absl."""
   _define_flags()
-  common.run(main)
+  common.run(main, interrupted='the parts embedded so far are saved; run the same command to '
+             'resume.', sigterm_as_interrupt=True)
 
 
 if __name__ == '__main__':

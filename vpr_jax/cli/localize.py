@@ -70,9 +70,12 @@ def localize(index: str, photos, top_k: int, output: str | None, sheet: str | No
              pairs: str | None = None, hloc_image_dir: str | None = None
              ) -> list[localizer_lib.Localization]:
   """Localises photos, prints the matches and writes the requested files."""
+  # Both outputs are checked before any photo is embedded (the work is lost otherwise).
   if output:
     fileio.check_output_path(output, '--output')
   check_hloc_outputs(hloc_features, pairs)
+  if sheet:
+    fileio.check_output_folder(sheet, '--sheet')
   localizer = localizer_lib.Localizer.from_index(index, checkpoint)
   if hloc_features:  # The photos' hloc names, checked before the work.
     hloc.query_names(photos, localizer.manifest['images_dir'], hloc_image_dir)

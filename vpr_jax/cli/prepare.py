@@ -68,6 +68,16 @@ flags.DEFINE_bool('overwrite', False, 'Build again when a dataset with the same 
 flags.mark_flags_as_required(['config', 'out'])
 
 
+def _check_side_bound(sizes, what: str) -> None:
+  """Refuses a side above records.MAX_IMAGE_SIDE: every worker would hold such images whole."""
+  if max(sizes) > records.MAX_IMAGE_SIDE:
+    raise ConfigError(
+        f'{what} must be at most {records.MAX_IMAGE_SIDE} pixels a side (the bound on prepared '
+        f'images: one RGB image of that size already takes '
+        f'{records.MAX_IMAGE_SIDE ** 2 * 3 / 2**20:.0f} MiB in every worker), got '
+        f'{",".join(str(s) for s in sizes)}.')
+
+
 def parse_image_size(values) -> tuple[int, int]:
   """['224', '224'] -> (224, 224); a ConfigError naming the value otherwise."""
   try:
@@ -77,6 +87,7 @@ def parse_image_size(values) -> tuple[int, int]:
   if len(size) != 2 or min(size) <= 0:
     raise ConfigError(f'--image_size must be H,W (two positive integers), got '
                                f'{",".join(str(v) for v in values)!r}.')
+  _check_side_bound(size, '--image_size')
   return size
 
 
@@ -90,6 +101,7 @@ def config_image_size(config) -> tuple[int, int]:
   if len(size) != 2 or min(size) <= 0 or size != tuple(value):
     raise ConfigError(f'config image_size must be (H, W), two positive integers, got '
                                f'{value!r}; set it or pass --image_size / --short_side.')
+  _check_side_bound(size, 'config image_size')
   return size
 
 
@@ -97,6 +109,8 @@ def check_arguments(short_side, quality, num_workers, records_per_shard) -> None
   """Checks the numeric flags before any work; ConfigError names the flag and value."""
   if short_side is not None and short_side <= 0:
     raise ConfigError(f'--short_side must be a positive integer, got {short_side}.')
+  if short_side is not None:
+    _check_side_bound((short_side,), '--short_side')
   if not 1 <= quality <= 100:
     raise ConfigError(f'--quality must be in 1..100, got {quality}.')
   if num_workers < -1:
@@ -214,7 +228,8 @@ def main(argv):
 
 def run():
   """Console entry point: accepts dashed flag names, then runs `main` under absl."""
-  common.run(main)
+  common.run(main, interrupted='nothing was built (a dataset appears only when complete); run '
+             'the same command to start over.', sigterm_as_interrupt=True)
 
 
 if __name__ == '__main__':

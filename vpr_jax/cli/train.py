@@ -77,7 +77,10 @@ def main(argv, hooks=()):
 
 def run():
   """Console entry point: accepts dashed flag names and config names, then runs `main`."""
-  common.run(main)
+  # The first SIGTERM / Ctrl-C saves and stops (training.preemption); this line is for a second
+  # Ctrl-C, or one before the loop has started.
+  common.run(main, interrupted='stopped at once, without saving; run the same command to resume '
+             'from the last checkpoint.')
 
 
 if __name__ == '__main__':

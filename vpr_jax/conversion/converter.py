@@ -17,13 +17,11 @@ import ml_collections
 import numpy as np
 
 from vpr_jax.checkpoints import orbax_states
-from vpr_jax.checkpoints import runs
 from vpr_jax.conversion import mapping
 from vpr_jax.conversion import torch_files
 from vpr_jax.conversion import transformer_mapping
 from vpr_jax.errors import CheckpointMismatchError
 from vpr_jax.errors import ConfigError
-from vpr_jax.errors import OutputPathError
 from vpr_jax.models import aggregators
 from vpr_jax.models import vpr_model
 
@@ -143,17 +141,9 @@ def convert_checkpoint(config: ml_collections.ConfigDict, torch_checkpoint: str,
   """
   if kind not in KINDS:
     raise ConfigError(f'Unknown kind {kind!r}; valid choices: {", ".join(KINDS)}.')
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:  # Fail before the slow part.
-    raise OutputPathError(f'{out} already exists and is not empty; choose another output '
-                          'directory or pass overwrite=True (CLI: --overwrite).')
-  # overwrite replaces the whole folder: only one that holds nothing but a converted checkpoint.
-  own = {runs.CONFIG_FILENAME, runs.LATEST_SUBDIR}
-  foreign = sorted(set(os.listdir(out)) - own) if os.path.isdir(out) else []
-  if foreign:
-    raise OutputPathError(
-        f'{out} holds files that this converter did not write ({", ".join(foreign[:5])}'
-        f'{", ..." if len(foreign) > 5 else ""}); overwrite only replaces a converted checkpoint. '
-        'Choose another output directory.')
+  # Fails before the slow part: a file, a folder that is not empty, or (overwrite) one holding
+  # anything this converter did not write.
+  orbax_states.check_inference_checkpoint_target(out, overwrite, '--out')
   state_dict = torch_files.load_torch_state_dict(torch_checkpoint)
   if kind == 'auto':
     kind = detect_kind(state_dict)

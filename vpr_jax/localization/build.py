@@ -11,6 +11,11 @@ embeds it (`embedding.embed`) and written with its coordinates (`coordinates`) a
   assemble  the rows of the new generation in path order, then the coordinates CSV over them
   index     the FAISS index (the trained, empty index of the previous build is reused)
   commit    the files of generation G + 1, then the manifest; then the clean-up of the rest
+
+Every argument (numbers, the FAISS factory string, output folder) is checked before any image is
+embedded, and one build at a time writes an index folder: it holds the folder's lock
+(`workdir_lock.WorkdirLock`, `<out>/.lock`) for the whole build, so that a second one stops at
+once naming the first, instead of both reporting success and one update being lost.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import tqdm
 from vpr_jax.data.evaluation import benchmarks
 from vpr_jax.data.imaging import images
 from vpr_jax.data.multiprocess import workers
+from vpr_jax.errors import ConfigError
 from vpr_jax.errors import ImageFolderError
 from vpr_jax.errors import IndexMismatchError
 from vpr_jax.localization import coordinates as coordinates_lib
 from vpr_jax.localization import embedding
 from vpr_jax.localization import faiss_index
 from vpr_jax.localization import store
+from vpr_jax.training import workdir_lock
 
 DEFAULT_PART_SIZE = 4096
 
@@ -50,7 +57,8 @@ class BuildStats:
     embedded: images embedded by this run.
     reused: rows taken from the previous index.
     resumed: rows taken from the parts of an interrupted run.
-    removed: rows of the previous index dropped (file gone or changed).
+    changed: images of the previous index embedded again (the file changed; among `embedded`).
+    removed: rows of the previous index dropped (file gone).
     faiss_factory: the FAISS index written.
     seconds: wall time of the run.
     up_to_date: nothing changed; no file was written.
@@ -63,6 +71,7 @@ class BuildStats:
   faiss_factory: str
   seconds: float
   up_to_date: bool = False
+  changed: int = 0
 
 
 @dataclasses.dataclass
@@ -74,12 +83,14 @@ class Plan:
     stamps: {path: (size, mtime_ns)} of those files.
     known: {path: Origin} of the rows already embedded (committed index, then pending parts).
     todo: paths to embed (not known, or changed since).
-    removed: rows of the committed index dropped (file gone or changed).
+    changed: rows of the committed index whose file changed (embedded again).
+    removed: rows of the committed index whose file is gone.
   """
   paths: list[str]
   stamps: dict[str, tuple[int, int]]
   known: dict[str, Origin]
   todo: list[str]
+  changed: int
   removed: int
 
 
@@ -145,7 +156,14 @@ def image_stamps(images_dir: str, paths: Sequence[str]) -> dict[str, tuple[int, 
   """{path: (size, mtime_ns)}: what tells a changed file from the one embedded before."""
   stamps = {}
   for path in paths:
-    stat = os.stat(os.path.join(images_dir, path))
+    full = os.path.join(images_dir, path)
+    try:
+      stat = os.stat(full)
+    except OSError as e:
+      # A dangling symbolic link, one that points to itself, a file removed meanwhile.
+      kind = 'a symbolic link' if os.path.islink(full) else 'an image'
+      raise ImageFolderError(f'{kind} under --images cannot be read: {full!r} ({e.strerror}); '
+                             'remove it or fix it.') from None
     stamps[path] = (int(stat.st_size), int(stat.st_mtime_ns))
   return stamps
 
@@ -172,14 +190,16 @@ def plan_build(out: str, images_dir: str, paths: list[str], manifest: Mapping[st
     for row, path in enumerate(part.paths):
       known[path] = ('pending', part, row)
   todo = [p for p in paths if not is_current(known, stamps, p)]
-  removed = sum(1 for p in (previous.paths if previous else ()) if not is_current(known, stamps, p))
-  return Plan(paths, stamps, known, todo, removed)
+  dropped = [p for p in (previous.paths if previous else ()) if not is_current(known, stamps, p)]
+  removed = sum(1 for p in dropped if p not in stamps)
+  return Plan(paths, stamps, known, todo, len(dropped) - removed, removed)
 
 
 def is_up_to_date(plan: Plan, manifest: Mapping[str, Any] | None,
                   csv_positions: Mapping[str, Any] | None, faiss_factory: str) -> bool:
   """Nothing to do: no file added, changed or gone, no CSV to apply, the same FAISS index."""
-  return (manifest is not None and not plan.todo and not plan.removed and csv_positions is None
+  return (manifest is not None and not plan.todo and not plan.removed and not plan.changed
+          and csv_positions is None
           and len(plan.paths) == manifest['num_images']
           and faiss_factory in (manifest['faiss_factory'], manifest.get('faiss_requested')))
 
@@ -290,44 +310,97 @@ def build_index(checkpoint: str, images_dir: str, out: str, *, half: bool = Fals
     images.ImageDecodeError: bad input, each with a one-line message.
   """
   start = time.perf_counter()
+  check_build_arguments(batch_size, num_workers, part_size, nprobe)
   images_dir = os.path.abspath(os.fspath(images_dir))
   out = os.path.abspath(os.fspath(out))
   paths = list_database_images(images_dir)
   csv_positions = (coordinates_lib.read_coordinates_csv(coordinates, images_dir) if coordinates
                    else None)
+  options = BuildOptions(half=bool(half), faiss_factory=faiss_factory, coordinates=coordinates,
+                         decode=decode_settings(exif_transpose, fast_decode),
+                         batch_size=batch_size, num_workers=num_workers,
+                         part_size=int(part_size), nprobe=int(nprobe),
+                         faiss_train_size=int(faiss_train_size), show_progress=show_progress)
+  store.open_for_build(out)  # A file or a foreign folder is refused before the lock is taken.
+  with workdir_lock.WorkdirLock(out, what='index folder'):
+    return _build_locked(checkpoint, images_dir, out, paths, csv_positions, options, start,
+                         print_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+  """The settings of a build (the keyword arguments of `build_index`, checked)."""
+  half: bool
+  faiss_factory: str
+  coordinates: str | None
+  decode: dict[str, bool]
+  batch_size: int | None
+  num_workers: int | None
+  part_size: int
+  nprobe: int
+  faiss_train_size: int
+  show_progress: bool
+
+
+def check_build_arguments(batch_size: int | None, num_workers: int | None, part_size: int,
+                          nprobe: int) -> None:
+  """Refuses unusable numbers before any work; ConfigError names the flag and the value."""
+  for flag, value in (('--batch_size', batch_size), ('--part_size', part_size),
+                      ('--nprobe', nprobe)):
+    if value is None and flag == '--batch_size':
+      continue  # the checkpoint's data.eval_batch_size
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f'{flag} must be a positive integer, got {value!r}.')
+  if num_workers is not None:
+    workers.resolve_num_workers(num_workers, '--num_workers')
+
+
+def _build_locked(checkpoint: str, images_dir: str, out: str, paths: list[str],
+                  csv_positions: Mapping[str, Any] | None, options: BuildOptions, start: float,
+                  print_fn: Callable[[str], None]) -> BuildStats:
+  """`build_index` once the index folder's lock is held: the steps of the module docstring."""
   manifest = store.open_for_build(out)
   config, variables, step, model = embedding.load_model(checkpoint)
   fingerprint = embedding.checkpoint_fingerprint(config, variables)
-  settings = decode_settings(exif_transpose, fast_decode)
-  dtype = 'float16' if half else 'float32'
+  settings = options.decode
+  dtype = 'float16' if options.half else 'float32'
   if manifest is not None:
-    check_extendable(out, manifest, fingerprint, settings, half)
+    check_extendable(out, manifest, fingerprint, settings, options.half)
+  # A bad factory string fails now, not after every image was embedded.
+  faiss_index.check_factory(
+      options.faiss_factory, len(paths),
+      manifest['descriptor_dim'] if manifest else embedding.descriptor_dim(model, variables,
+                                                                           config))
   key = store.part_key(fingerprint, settings, dtype)
 
   plan = plan_build(out, images_dir, paths, manifest, key)
-  faiss_index.resolve_faiss_factory(faiss_factory, len(paths), 1)  # A bad shorthand fails now.
-  if is_up_to_date(plan, manifest, csv_positions, faiss_factory):
+  if is_up_to_date(plan, manifest, csv_positions, options.faiss_factory):
     print_fn(f'Index {out} is up to date ({len(paths)} images).')
     return BuildStats(len(paths), 0, len(paths), 0, 0, manifest['faiss_factory'],
                       time.perf_counter() - start, True)
 
   embed_settings = EmbedSettings(
-      model, variables, config, batch_size=int(batch_size or config.data.eval_batch_size),
+      model, variables, config,
+      batch_size=int(options.batch_size or config.data.eval_batch_size),
       num_workers=workers.resolve_num_workers(
-          config.data.num_workers if num_workers is None else num_workers),
+          config.data.num_workers if options.num_workers is None else options.num_workers,
+          'data.num_workers of the checkpoint' if options.num_workers is None
+          else '--num_workers'),
       decode=images.DecodeOptions(**settings), dtype=dtype, part_key=key,
-      part_size=max(int(part_size), 1))
-  plan.known.update(embed_missing(out, images_dir, plan, embed_settings, show_progress))
+      part_size=options.part_size)
+  plan.known.update(embed_missing(out, images_dir, plan, embed_settings, options.show_progress))
 
   table = assemble_rows(plan, dtype)
   if csv_positions is not None:
-    apply_coordinates_csv(table, csv_positions, images_dir, coordinates)
-  factory, index, trained = index_rows(out, manifest, table, faiss_factory, faiss_train_size)
+    apply_coordinates_csv(table, csv_positions, images_dir, options.coordinates)
+  factory, index, trained = index_rows(out, manifest, table, options.faiss_factory,
+                                       options.faiss_train_size)
 
   new_manifest = store.commit(
       out, (manifest['generation'] + 1) if manifest is not None else 1, table, index, trained,
       manifest_fields(checkpoint, step, fingerprint, settings, embed_settings, images_dir,
-                      table, factory, faiss_factory, trained is not None, nprobe))
+                      table, factory, options.faiss_factory, trained is not None,
+                      options.nprobe))
   store.clean_up(out, new_manifest)
   return report(plan, images_dir, out, new_manifest, start, print_fn)
 
@@ -362,9 +435,10 @@ def report(plan: Plan, images_dir: str, out: str, manifest: Mapping[str, Any], s
   stats = BuildStats(num_images=len(plan.paths), embedded=len(plan.todo),
                      reused=origins.count('index'), resumed=origins.count('pending'),
                      removed=plan.removed, faiss_factory=manifest['faiss_factory'],
-                     seconds=time.perf_counter() - start)
+                     seconds=time.perf_counter() - start, changed=plan.changed)
   print_fn(f'Indexed {stats.num_images} images of {images_dir} into {out}: {stats.embedded} '
-           f'embedded, {stats.reused} kept, {stats.resumed} resumed from an interrupted run, '
-           f'{stats.removed} removed; {manifest["num_with_coordinates"]} with coordinates; '
-           f'FAISS {stats.faiss_factory}; {stats.seconds:.1f} s.')
+           f'embedded ({stats.changed} of them changed since the last build), {stats.reused} '
+           f'kept, {stats.resumed} resumed from an interrupted run, {stats.removed} removed; '
+           f'{manifest["num_with_coordinates"]} with coordinates; FAISS {stats.faiss_factory}; '
+           f'{stats.seconds:.1f} s.')
   return stats

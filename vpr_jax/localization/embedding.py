@@ -46,6 +46,14 @@ def load_model(checkpoint: str):
   return config, variables, step, vpr_model.build_model(config)
 
 
+def descriptor_dim(model, variables, config) -> int:
+  """The size of the model's descriptors, from its shapes alone (nothing is computed)."""
+  height, width = (int(s) for s in config.image_size)
+  shape = jax.eval_shape(lambda v, x: model.apply(v, x, train=False)['descriptors'], variables,
+                         jax.ShapeDtypeStruct((1, height, width, 3), np.uint8))
+  return int(shape.shape[-1])
+
+
 def weights_sha256(variables: Any) -> str:
   """SHA-256 of a variables pytree: every leaf's path, dtype, shape and bytes, in tree order."""
   digest = hashlib.sha256()

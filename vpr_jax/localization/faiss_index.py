@@ -57,6 +57,24 @@ def resolve_faiss_factory(factory: str, num_vectors: int, dim: int) -> str:
   return f'IVF{nlist},PQ{m}'
 
 
+def check_factory(factory: str, num_vectors: int, dim: int) -> str:
+  """`resolve_faiss_factory`, and FAISS's own parse of the result for `dim`-d vectors.
+
+  Run before any work, so that a mistyped factory string fails at once.
+
+  Raises:
+    FaissIndexError: the string is not understood, or 'ivfpq' for too few vectors.
+  """
+  resolved = resolve_faiss_factory(factory, num_vectors, dim)
+  try:
+    faiss.index_factory(int(dim), resolved, faiss.METRIC_L2)
+  except RuntimeError as e:
+    raise FaissIndexError(f'--faiss {factory!r}: FAISS does not understand the factory string '
+                          f'{resolved!r} for {dim}-d descriptors: '
+                          f'{str(e).strip().splitlines()[-1]}') from None
+  return resolved
+
+
 def needs_training(factory: str, dim: int) -> bool:
   """Whether an index of `factory` must be trained before rows are added (IVF, PQ)."""
   return not faiss.index_factory(dim, factory, faiss.METRIC_L2).is_trained

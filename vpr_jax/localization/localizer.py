@@ -102,9 +102,12 @@ class Localizer:
       IndexNotFoundError: no index at `index_dir`.
       IndexMismatchError: the checkpoint differs from the index's (model, weights, input size or
         preprocessing).
+      DamagedIndexError: a file of the index is missing, unreadable or does not fit the manifest.
     """
     index_dir = os.path.abspath(os.fspath(index_dir))
     manifest = store.require_manifest(index_dir)
+    # A damaged index is refused before the checkpoint is loaded.
+    rows, faiss_index = store.read_search_files(index_dir, manifest)
     checkpoint = checkpoint or manifest['checkpoint']
     config, variables, _, model = embedding.load_model(checkpoint)
     differing = embedding.fingerprint_differences(
@@ -114,7 +117,6 @@ class Localizer:
           f'index {index_dir!r} was built with another model or preprocessing than checkpoint '
           f'{os.path.abspath(checkpoint)!r} ({", ".join(differing)} differ); rebuild the index '
           'with this checkpoint.')
-    rows, faiss_index = store.read_search_files(index_dir, manifest)
     faiss_lib.set_nprobe(faiss_index, manifest.get('nprobe', faiss_lib.DEFAULT_NPROBE))
     return cls(index_dir, manifest, rows, faiss_index, config, variables, model)
 

@@ -19,7 +19,13 @@ Every file is written atomically (`fileio.atomic_open`); a build writes the file
 G + 1 next to those of G and only then replaces index.json (`commit`), so an interrupted build
 leaves the previous index usable. Descriptors are written in parts to `pending/` as they are
 computed (`write_pending_part`): rerunning the interrupted command embeds only what no part holds
-yet (`read_pending`). After a commit, `clean_up` removes the earlier generations and the parts.
+yet (`read_pending`). After a commit, `clean_up` removes the earlier generations and the parts,
+each by its own name: any other file in the folder is the user's and stays.
+
+Index folders come from other people too. Every file is read without unpickling
+(`safe_numpy`), and checked against the manifest when opened (row counts, descriptor size
+and dtype, the FAISS index's size and dimension); a file that is missing, truncated or does not
+fit is refused with a `DamagedIndexError` naming it.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ import glob
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
+import zipfile
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
@@ -38,14 +46,28 @@ import faiss
 import numpy as np
 
 from vpr_jax import fileio
+from vpr_jax import safe_numpy
+from vpr_jax.errors import DamagedIndexError
 from vpr_jax.errors import IndexMismatchError
 from vpr_jax.errors import IndexNotFoundError
 from vpr_jax.localization import coordinates
 from vpr_jax.localization import faiss_index
+from vpr_jax.training.workdir_lock import LOCK_FILENAME
 
 INDEX_FORMAT_VERSION = 1
 MANIFEST_FILENAME = 'index.json'
 PENDING_SUBDIR = 'pending'
+# The files of a generation, by name (`generation_files`): the only files `clean_up` removes.
+GENERATION_FILE = re.compile(r'(descriptors-[0-9]+\.npy|images-[0-9]+\.npz|'
+                             r'(faiss|trained)-[0-9]+\.index)')
+PART_FILE = re.compile(r'part-[0-9]{20}-[0-9a-f]{8}\.npz')
+# What reading a damaged file raises: numpy (truncated, pickled: ValueError), zip, FAISS.
+_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, RuntimeError)
+# Manifest fields every reader relies on, and their types.
+_MANIFEST_FIELDS = {'generation': int, 'files': dict, 'fingerprint': dict, 'decode': dict,
+                    'dtype': str, 'descriptor_dim': int, 'num_images': int, 'checkpoint': str,
+                    'images_dir': str, 'faiss_factory': str}
+_JSON_TYPE_NAMES = {int: 'integer', dict: 'object', str: 'string'}
 
 
 @dataclasses.dataclass
@@ -103,6 +125,29 @@ class Rows:
     self.sources[row] = position.source
 
 
+  def check(self) -> None:
+    """Raises ValueError unless every per-row array has one entry per path."""
+    n = len(self.paths)
+    lengths = {'sizes': len(self.sizes), 'mtimes_ns': len(self.mtimes_ns),
+               'latlon': len(self.latlon), 'utm': len(self.utm), 'utm_zones': len(self.utm_zones),
+               'coordinate_sources': len(self.sources), 'descriptors': len(self.descriptors)}
+    wrong = {name: length for name, length in lengths.items() if length != n}
+    if wrong or np.ndim(self.descriptors) != 2:
+      raise ValueError(f'{n} paths but {wrong or "descriptors not 2-D"}')
+
+
+def damaged(path: str, why: str) -> DamagedIndexError:
+  """The error of a damaged index file: which file, why, and what fixes it."""
+  return DamagedIndexError(
+      f'index file {path} is damaged ({why}); rebuild the index into a new folder (python -m '
+      'vpr_jax.index ... --out NEW_FOLDER).')
+
+
+def _why(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[-1] if text else ""}'.rstrip(': ')
+
+
 def _npz_writer(arrays: Mapping[str, np.ndarray]) -> Callable[[Any], None]:
   return lambda f: np.savez(f, **arrays)
 
@@ -126,12 +171,39 @@ def read_manifest(index_dir: str) -> dict[str, Any] | None:
     with open(path) as f:
       manifest = json.load(f)
   except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise IndexMismatchError(f'{path} is not a readable index manifest ({e}).') from None
+    raise damaged(path, f'not a readable index manifest: {_why(e)}') from None
+  if not isinstance(manifest, dict):
+    raise damaged(path, f'a JSON {type(manifest).__name__}, expected an object')
   if manifest.get('format_version') != INDEX_FORMAT_VERSION:
     raise IndexMismatchError(
         f'{path}: index format version {manifest.get("format_version")!r}, this vpr_jax reads '
         f'{INDEX_FORMAT_VERSION}; rebuild the index.')
+  check_manifest(path, manifest)
   return manifest
+
+
+def check_manifest(path: str, manifest: Mapping[str, Any]) -> None:
+  """Refuses a manifest without the fields the readers rely on, or naming foreign files.
+
+  Raises:
+    DamagedIndexError: naming the field.
+  """
+  for field, kind in _MANIFEST_FIELDS.items():
+    value = manifest.get(field)
+    if not isinstance(value, kind) or isinstance(value, bool):
+      raise damaged(path, f'field {field!r} is {value!r}, expected a JSON '
+                    f'{_JSON_TYPE_NAMES[kind]}')
+  if manifest['generation'] < 1 or manifest['num_images'] < 1 or manifest['descriptor_dim'] < 1:
+    raise damaged(path, 'generation, num_images and descriptor_dim must be positive')
+  if manifest['dtype'] not in ('float32', 'float16'):
+    raise damaged(path, f'dtype {manifest["dtype"]!r}, expected float32 or float16')
+  # The files must be the generation's own names: a manifest never points outside its folder.
+  expected = generation_files(manifest['generation'])
+  files = manifest['files']
+  for kind in ('descriptors', 'images', 'faiss') + (('trained',) if 'trained' in files else ()):
+    if files.get(kind) != expected[kind]:
+      raise damaged(path, f'files.{kind} is {files.get(kind)!r}, expected {expected[kind]!r} '
+                    f'(generation {manifest["generation"]})')
 
 
 def open_for_build(out: str) -> dict[str, Any] | None:
@@ -143,7 +215,8 @@ def open_for_build(out: str) -> dict[str, Any] | None:
   if os.path.exists(out) and not os.path.isdir(out):
     raise IndexMismatchError(f'--out {out!r} is a file; expected an index folder.')
   manifest = read_manifest(out) if os.path.isdir(out) else None
-  if manifest is None and os.path.isdir(out) and set(os.listdir(out)) - {PENDING_SUBDIR}:
+  if manifest is None and os.path.isdir(out) and set(os.listdir(out)) - {PENDING_SUBDIR,
+                                                                         LOCK_FILENAME}:
     raise IndexMismatchError(
         f'{out!r} exists, is not empty and holds no {MANIFEST_FILENAME}: not a localisation '
         'index; choose an empty or new folder.')
@@ -164,27 +237,74 @@ def require_manifest(index_dir: str) -> dict[str, Any]:
   return manifest
 
 
+def _read_image_rows(path: str, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The arrays of images-G.npz, each with one entry per row of the manifest."""
+  try:
+    rows = safe_numpy.load_npz(path)
+    lengths = {name: len(rows[name]) for name in Rows.empty([], np.zeros((0, 1))).arrays()}
+  except _READ_ERRORS as e:
+    raise damaged(path, _why(e)) from None
+  wrong = {name: n for name, n in lengths.items() if n != manifest['num_images']}
+  if wrong:
+    raise damaged(path, f'rows {wrong}, the manifest says {manifest["num_images"]} images')
+  return rows
+
+
+def _read_descriptors(path: str, manifest: Mapping[str, Any]) -> np.ndarray:
+  """descriptors-G.npy memory-mapped, of the manifest's shape and dtype."""
+  try:
+    descriptors = safe_numpy.load_npy(path, mmap_mode='r')
+  except _READ_ERRORS as e:
+    raise damaged(path, _why(e)) from None
+  expected = (manifest['num_images'], manifest['descriptor_dim'])
+  if descriptors.shape != expected or descriptors.dtype != np.dtype(manifest['dtype']):
+    raise damaged(path, f'{descriptors.dtype} {descriptors.shape}, the manifest says '
+                  f'{manifest["dtype"]} {expected}')
+  return descriptors
+
+
+def _read_faiss(path: str, manifest: Mapping[str, Any], num_rows: int) -> faiss.Index:
+  """A FAISS index file holding `num_rows` vectors of the manifest's dimension."""
+  try:
+    index = faiss_index.read_index(path)
+  except _READ_ERRORS as e:
+    raise damaged(path, _why(e)) from None
+  if index.d != manifest['descriptor_dim'] or index.ntotal != num_rows:
+    raise damaged(path, f'{index.ntotal} vectors of dimension {index.d}, the manifest says '
+                  f'{num_rows} of dimension {manifest["descriptor_dim"]}')
+  return index
+
+
 def read_rows(index_dir: str, manifest: Mapping[str, Any]) -> Rows:
-  """The rows of the committed generation (descriptors memory-mapped)."""
-  files = generation_files(manifest['generation'])
-  with np.load(os.path.join(index_dir, files['images'])) as data:
-    return Rows.from_arrays(data, np.load(os.path.join(index_dir, files['descriptors']),
-                                          mmap_mode='r'))
+  """The rows of the committed generation (descriptors memory-mapped), checked as they are read.
+
+  Raises:
+    DamagedIndexError: a file is missing, unreadable or does not fit the manifest.
+  """
+  files = manifest['files']
+  rows = _read_image_rows(os.path.join(index_dir, files['images']), manifest)
+  return Rows.from_arrays(rows, _read_descriptors(os.path.join(index_dir, files['descriptors']),
+                                                  manifest))
 
 
 def read_search_files(index_dir: str, manifest: Mapping[str, Any]
                       ) -> tuple[dict[str, np.ndarray], faiss.Index]:
-  """(the arrays of images-G.npz, the FAISS index) of the committed generation."""
+  """(the arrays of images-G.npz, the FAISS index) of the committed generation, checked.
+
+  Raises:
+    DamagedIndexError: a file is missing, unreadable, or does not fit the manifest (a FAISS file
+      of another index would give the vectors of other images).
+  """
   files = manifest['files']
-  with np.load(os.path.join(index_dir, files['images'])) as data:
-    rows = {k: data[k] for k in data.files}
-  return rows, faiss_index.read_index(os.path.join(index_dir, files['faiss']))
+  rows = _read_image_rows(os.path.join(index_dir, files['images']), manifest)
+  return rows, _read_faiss(os.path.join(index_dir, files['faiss']), manifest,
+                           manifest['num_images'])
 
 
 def read_trained(index_dir: str, manifest: Mapping[str, Any]) -> faiss.Index:
   """The trained, empty FAISS index of the committed generation (only when it has one)."""
-  return faiss_index.read_index(
-      os.path.join(index_dir, generation_files(manifest['generation'])['trained']))
+  return _read_faiss(os.path.join(index_dir, generation_files(manifest['generation'])['trained']),
+                     manifest, 0)
 
 
 def part_key(fingerprint: Mapping[str, Any], settings: Mapping[str, Any], dtype: str) -> str:
@@ -200,13 +320,16 @@ def read_pending(index_dir: str, key: str) -> list[Rows]:
   pending_dir = os.path.join(index_dir, PENDING_SUBDIR)
   for path in sorted(glob.glob(os.path.join(pending_dir, 'part-*.npz'))):
     try:
-      with np.load(path) as data:
-        if str(data['key']) != key:
-          logging.warning('Ignoring %s: embedded with another model or decode settings.', path)
-          continue
-        parts.append(Rows.from_arrays(data, np.asarray(data['descriptors'])))
-    except (OSError, ValueError, KeyError) as e:
-      logging.warning('Ignoring unreadable part %s (%s).', path, e)
+      data = safe_numpy.load_npz(path)
+      if str(data['key']) != key:
+        logging.warning('Ignoring %s: embedded with another model or decode settings.', path)
+        continue
+      part = Rows.from_arrays(data, np.asarray(data['descriptors']))
+      part.check()
+      parts.append(part)
+    except _READ_ERRORS as e:
+      # A part is only work saved: one that cannot be read is embedded again.
+      logging.warning('Ignoring unreadable part %s (%s).', path, _why(e))
   return parts
 
 
@@ -254,14 +377,19 @@ def commit(index_dir: str, generation: int, table: Rows, index: faiss.Index,
 
 
 def clean_up(index_dir: str, manifest: Mapping[str, Any]) -> None:
-  """After a commit: removes the index files the manifest does not name, and the pending parts."""
-  keep = set(manifest['files'].values()) | {MANIFEST_FILENAME}
+  """After a commit: removes the files of the other generations and the pending parts.
+
+  Only files named as a build names them (`GENERATION_FILE`, `PART_FILE`) are removed: anything
+  else in the folder (a user's descriptors.npz, notes) stays.
+  """
+  keep = set(manifest['files'].values())
   for name in os.listdir(index_dir):
     path = os.path.join(index_dir, name)
-    if name not in keep and os.path.isfile(path) and name.endswith(('.npy', '.npz', '.index')):
+    if name not in keep and GENERATION_FILE.fullmatch(name) and os.path.isfile(path):
       os.remove(path)
   pending_dir = os.path.join(index_dir, PENDING_SUBDIR)
   for path in glob.glob(os.path.join(pending_dir, 'part-*.npz')):
-    os.remove(path)
+    if PART_FILE.fullmatch(os.path.basename(path)):
+      os.remove(path)
   if os.path.isdir(pending_dir) and not os.listdir(pending_dir):
     os.rmdir(pending_dir)

@@ -14,6 +14,9 @@ child process (os.fork, e.g. data loader workers) that outlives its parent; then
 pid that no longer runs on this host, and the lock is taken over (a new lock file replaces it).
 A holder on another host cannot be checked, so its lock is trusted.
 
+The same lock guards other folders that one process at a time may write, e.g. a localisation
+index folder (`WorkdirLock(out, what='index folder')`): the same stale-lock rules apply.
+
 Several processes (one per host): only process 0 takes the lock; the others hold nothing, as they
 write nothing that process 0 does not coordinate.
 
@@ -103,14 +106,16 @@ class WorkdirLock:
   runs when the object is garbage-collected; the kernel drops the lock when the process ends).
   """
 
-  def __init__(self, workdir: str, process_index: int = 0):
+  def __init__(self, workdir: str, process_index: int = 0, what: str = 'workdir'):
     """Prepares the lock; nothing happens until `acquire`.
 
     Args:
       workdir: the run's folder (created by `acquire` if missing).
       process_index: this process's index among the run's processes (`jax.process_index()`);
         only process 0 takes the lock.
+      what: what the folder is, in the messages ('workdir', 'index folder').
     """
+    self.what = what
     self.workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
     self.path = os.path.join(self.workdir, LOCK_FILENAME)
     self.active = process_index == 0
@@ -148,22 +153,23 @@ class WorkdirLock:
           self._remove_if_same(holder)
           continue
         raise WorkdirLockedError(
-            f'workdir {self.workdir!r} is in use by {describe_holder(holder)}; wait for it to end '
-            f'or stop it, or choose another workdir (lock file {self.path}).') from None
+            f'{self.what} {self.workdir!r} is in use by {describe_holder(holder)}; wait for it to '
+            f'end or stop it, or choose another {self.what} (lock file {self.path}).') from None
       except OSError as e:
         os.close(fd)
         if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
           raise WorkdirNotUsableError(
-              f'workdir {self.workdir!r}: its file system does not support locks '
-              f'({e.strerror}); choose a workdir on a local or NFS disk.') from None
+              f'{self.what} {self.workdir!r}: its file system does not support locks '
+              f'({e.strerror}); choose a {self.what} on a local or NFS disk.') from None
         raise
       if self._still_at_path(fd):
         self._fd = fd
         self._record_holder()
         return self
       os.close(fd)  # The file was removed or replaced after we opened it: try the new one.
-    raise WorkdirLockedError(f'workdir {self.workdir!r}: could not take the lock {self.path} '
-                             f'after {_ATTEMPTS} attempts; other processes keep replacing it.')
+    raise WorkdirLockedError(f'{self.what} {self.workdir!r}: could not take the lock '
+                             f'{self.path} after {_ATTEMPTS} attempts; other processes keep '
+                             'replacing it.')
 
   def release(self) -> None:
     """Releases the lock and removes the lock file (and the workdir if it made it, when empty)."""
@@ -197,7 +203,7 @@ class WorkdirLock:
 
   def _make_workdir(self) -> None:
     if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-      raise WorkdirNotUsableError(f'workdir {self.workdir!r} is a file; expected a folder.')
+      raise WorkdirNotUsableError(f'{self.what} {self.workdir!r} is a file; expected a folder.')
     if os.path.isdir(self.workdir):
       return
     try:
@@ -205,7 +211,7 @@ class WorkdirLock:
     except FileExistsError:  # Made by another process meanwhile.
       return
     except OSError as e:
-      raise WorkdirNotUsableError(f'workdir {self.workdir!r} cannot be created: '
+      raise WorkdirNotUsableError(f'{self.what} {self.workdir!r} cannot be created: '
                                   f'{e.strerror or e}.') from None
     self._created_workdir = True
 
@@ -216,7 +222,7 @@ class WorkdirLock:
     except OSError as e:
       reason = 'is not writable' if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else (
           f'cannot hold the lock file {LOCK_FILENAME}')
-      raise WorkdirNotUsableError(f'workdir {self.workdir!r} {reason} ({e.strerror or e}).'
+      raise WorkdirNotUsableError(f'{self.what} {self.workdir!r} {reason} ({e.strerror or e}).'
                                   ) from None
 
   def _still_at_path(self, fd: int) -> bool:

@@ -30,6 +30,12 @@ share, unlinks them if the main process dies first (once the workers have exited
 crash on first touch. Linux only (the segments are mapped from /dev/shm); elsewhere batches
 travel grain's usual way.
 
+How batches travel is decided before the workers start (`choose_transport`), from the free space
+of /dev/shm: batch slots where it holds them all, else grain's shared-memory segments (one per
+batch, created by the workers without a reservation: a worker that touches a page /dev/shm
+cannot back dies of SIGBUS), else, when not even those fit (a container's default 64 MB
+`--shm-size`), pickled through grain's pipes: slower, never a crash.
+
 Nothing here imports JAX (it runs in data worker processes).
 """
 
@@ -109,6 +115,59 @@ def _map(name: str, nbytes: int, reserve: bool = False) -> mmap.mmap:
     return mmap.mmap(fd, nbytes)
   finally:
     os.close(fd)
+
+
+SHM_FOLDER = '/dev/shm'
+SLOTS, GRAIN_SEGMENTS, PIPES = 'batch slots', 'grain shared memory', 'pipes'
+
+
+def free_shared_memory(folder: str = SHM_FOLDER) -> int | None:
+  """Bytes free for shared memory (`os.statvfs` of `folder`), None where it cannot be measured."""
+  try:
+    stats = os.statvfs(folder)
+  except (OSError, AttributeError):
+    return None
+  return int(stats.f_bavail) * int(stats.f_frsize)
+
+
+def choose_transport(num_workers: int, num_slots: int, queued_batches: int, batch_bytes: int,
+                     reuse_batch_memory: bool, folder: str = SHM_FOLDER) -> str:
+  """How batches go from the workers to this process: SLOTS, GRAIN_SEGMENTS or PIPES.
+
+  Args:
+    num_workers: grain worker processes.
+    num_slots: batch slots per worker (`SlotRings.create`).
+    queued_batches: batches a worker may have in grain's queue (plus the one it writes and the
+      one the consumer reads, counted here) when they travel through grain's segments.
+    batch_bytes: bytes of one batch's images.
+    reuse_batch_memory: whether batch slots were asked for (data.reuse_batch_memory).
+    folder: the shared-memory file system to measure.
+
+  Returns:
+    SLOTS when asked for and they fit in the free space, else GRAIN_SEGMENTS when grain's
+    per-batch segments fit, else PIPES (after a warning naming the space and what to change).
+  """
+  free = free_shared_memory(folder)
+  if free is None:
+    return SLOTS if reuse_batch_memory and supported() else GRAIN_SEGMENTS
+  slots_bytes = num_workers * (_aligned(num_slots) + num_slots * _aligned(batch_bytes))
+  segments_bytes = num_workers * (queued_batches + 2) * batch_bytes
+  if reuse_batch_memory and supported() and slots_bytes <= free:
+    return SLOTS
+  if segments_bytes <= free:
+    if reuse_batch_memory and supported():
+      logging.warning('%s has %.1f MB free, batch slots need %.1f MB: batches travel through a '
+                      'new shared-memory segment each (give /dev/shm more space, e.g. docker '
+                      '--shm-size, or set data.reuse_batch_memory=False).', folder, free / 1e6,
+                      slots_bytes / 1e6)
+    return GRAIN_SEGMENTS
+  logging.warning('%s has %.1f MB free, %d workers need %.1f MB to pass batches in shared '
+                  'memory: batches are pickled through pipes instead (slower). Give the container '
+                  'more shared memory (docker --shm-size, Kubernetes an emptyDir of medium '
+                  'Memory on /dev/shm), or lower data.num_workers / data.prefetch_buffer_size '
+                  '(data.reuse_batch_memory needs %.1f MB).', folder, free / 1e6, num_workers,
+                  segments_bytes / 1e6, slots_bytes / 1e6)
+  return PIPES
 
 
 def supported() -> bool:

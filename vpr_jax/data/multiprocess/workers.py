@@ -69,3 +69,4 @@ class ExitWithParent:
       os._exit(1)  # at once: no clean-up that could block on the dead parent
 
     threading.Thread(target=watch, name='vpr_jax-exit-with-parent', daemon=True).start()
+

@@ -34,7 +34,6 @@ applies.
 
 from __future__ import annotations
 
-from concurrent import futures
 import dataclasses
 import hashlib
 import json
@@ -49,6 +48,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
 from vpr_jax import errors
+from vpr_jax import safe_numpy
 from vpr_jax.data.imaging import decode
 from vpr_jax.data.imaging import images
 from vpr_jax.errors import BuiltDatasetError
@@ -59,6 +59,11 @@ VERSION = tfds.core.Version('1.0.0')
 # tf.train.Example stores floats in 32 bits: coordinates are kept exact as raw float64 bytes.
 FLOAT64 = tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES)
 
+
+# The largest side of a prepared image. Images are resized whole in every worker, and a command
+# asking for 100000 x 100000 pixels (30 GB an image) would be ended by the out-of-memory killer
+# without a word; 8192 is above every size the family trains or evaluates at (at most 518).
+MAX_IMAGE_SIDE = 8192
 
 # Images handed to a worker at a time when encoding in parallel.
 _CHUNK_SIZE = 64
@@ -90,6 +95,9 @@ class ImageEncoding:
     if self.short_side is not None and (int(self.short_side) != self.short_side
                                         or self.short_side <= 0):
       raise ValueError(f'short_side must be a positive integer, got {self.short_side!r}.')
+    sides = tuple(self.image_size or ()) + ((self.short_side,) if self.short_side else ())
+    if sides and max(sides) > MAX_IMAGE_SIDE:
+      raise ValueError(f'image sides must be at most {MAX_IMAGE_SIDE} pixels, got {sides}.')
     if not 1 <= int(self.quality) <= 100:
       raise ValueError(f'quality must be in [1, 100], got {self.quality!r}.')
     if self.subsampling not in images.SUBSAMPLING:
@@ -135,9 +143,16 @@ def encoded(encoding: ImageEncoding, paths: Sequence[str],
     yield from map(encoding, paths)
     return
   # 'spawn': the caller may hold threads or an accelerator runtime that must not be forked.
-  with futures.ProcessPoolExecutor(num_workers,
-                                   mp_context=multiprocessing.get_context('spawn')) as pool:
-    yield from pool.map(encoding, paths, chunksize=_CHUNK_SIZE)
+  # Started from `python -m vpr_jax.prepare`, the workers ignore Ctrl-C (`cli.spawned`).
+  pool = multiprocessing.get_context('spawn').Pool(num_workers)
+  try:
+    yield from pool.imap(encoding, paths, chunksize=_CHUNK_SIZE)
+    pool.close()
+  finally:
+    # After the last image: the workers exit. On Ctrl-C or an error: they are stopped at once
+    # (finishing the chunks they hold would encode up to num_workers x 64 more images).
+    pool.terminate()
+    pool.join()
 
 
 class NpzMetadata(tfds.core.Metadata):
@@ -158,14 +173,14 @@ class NpzMetadata(tfds.core.Metadata):
 
 def read_npz(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(meta dict, arrays) of a file written by the builders (no pickles)."""
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      return (json.loads(str(data['meta'])),
-              {name: data[name] for name in data.files if name != 'meta'})
-  except FileNotFoundError:
+  if not os.path.isfile(path):
     raise BuiltDatasetError(f'{path} does not exist: the folder is not a dataset built by '
-                            'vpr_jax.data.tfds (or is incomplete).') from None
-  except (OSError, KeyError, ValueError) as e:
+                            'vpr_jax.data.tfds (or is incomplete).')
+  try:
+    # A prepared dataset may come from someone else: read without pickles.
+    arrays = safe_numpy.load_npz(path)
+    return json.loads(str(arrays.pop('meta'))), arrays
+  except (OSError, KeyError, ValueError) as e:  # ArrayFileError is a ValueError
     raise BuiltDatasetError(f'{path} cannot be read: {e}') from None
 
 

@@ -60,6 +60,8 @@ from typing import Iterable, Sequence
 from absl import logging
 import numpy as np
 
+from vpr_jax import fileio
+from vpr_jax import safe_numpy
 from vpr_jax.errors import ConfigError
 from vpr_jax.errors import DatasetError
 
@@ -654,27 +656,23 @@ def _save_cache(path: str, index: PlaceIndex):
           'num_dropped_images': index.num_dropped_images, 'fingerprint': index.fingerprint,
           'odd_values': [list(item) for item in index.odd_values]}
   arrays = {name: getattr(index, name) for name in _ARRAY_FIELDS}
-  tmp = f'{path}.tmp{os.getpid()}'
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, 'wb') as f:
+    with fileio.atomic_open(path, binary=True) as f:
       np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
   except OSError as e:
     logging.warning('Could not write the place index cache %s (%s); it will be rebuilt next '
                     'time.', path, e)
-    try:
-      os.remove(tmp)
-    except OSError:
-      pass
 
 
 def _load_cache(path: str, root: str, fingerprint: str) -> PlaceIndex | None:
   try:
-    with np.load(path, allow_pickle=False) as data:
-      meta = json.loads(str(data['meta']))
-      arrays = {name: data[name] for name in _ARRAY_FIELDS}
-  except (OSError, KeyError, ValueError) as e:
+    # The cache sits beside the data, which may come from someone else: read without pickles.
+    data = safe_numpy.load_npz(path, keys=('meta',) + _ARRAY_FIELDS)
+    meta = json.loads(str(data['meta']))
+    arrays = {name: data[name] for name in _ARRAY_FIELDS}
+    if not isinstance(meta, dict):
+      raise ValueError(f'its meta is a JSON {type(meta).__name__}')
+  except (OSError, KeyError, ValueError) as e:  # ArrayFileError is a ValueError
     logging.warning('Ignoring unreadable place index cache %s (%s).', path, e)
     return None
   if meta.get('version') != _CACHE_VERSION or meta.get('fingerprint') != fingerprint:

@@ -397,6 +397,8 @@ class TrainIterator:
     self._image_shape = image_shape
     self._reuse_batch_memory = reuse_batch_memory
     self._rings = None
+    # How batches reach this process (`batch_slots.choose_transport`), once the workers started.
+    self.transport = None
     self._next_step = 0
     self._images_read = 0
     self._bad_images = 0
@@ -419,14 +421,21 @@ class TrainIterator:
           num_threads=1, prefetch_buffer_size=self._prefetch))
       return iter(ds.map(_ToBatch()))
     worker_memory.release_at_exit()
-    if self._reuse_batch_memory:
-      # Per worker: its queued batches, the one it is writing or waiting to queue, the one
-      # grain's reader in this process holds, and the one the consumer reads.
-      self._rings = batch_slots.SlotRings.create(
-          self.num_workers, self._prefetch + 3,
-          (self.places_per_batch, self.images_per_place, *self._image_shape))
+    shape = (self.places_per_batch, self.images_per_place, *self._image_shape)
+    batch_bytes = int(np.prod(shape))
+    # Per worker: its queued batches, the one it is writing or waiting to queue, the one
+    # grain's reader in this process holds, and the one the consumer reads.
+    num_slots = self._prefetch + 3
+    self.transport = batch_slots.choose_transport(self.num_workers, num_slots, self._prefetch,
+                                                  batch_bytes, self._reuse_batch_memory)
+    if self.transport == batch_slots.SLOTS:
+      self._rings = batch_slots.SlotRings.create(self.num_workers, num_slots, shape)
     # One reader thread per worker, beside the one handing batches to grain's queue.
     ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    if self.transport == batch_slots.PIPES:
+      # Arrays smaller than min_shm_size are pickled through the pipe: all of them, here.
+      ds = grain.experimental.WithOptionsIterDataset(
+          ds, grain.experimental.DatasetOptions(min_shm_size=batch_bytes + 1))
     ds = ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=self.num_workers,
                                      per_worker_buffer_size=self._prefetch),
