@@ -73,28 +73,12 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
   Returns:
     One `EvalResult` per dataset, in the order given.
   """
-  if not checkpoint:
-    runs_dir = runs.default_runs_dir()
-    checkpoint = runs.find_latest_run(runs_dir)
-    if checkpoint is None:
-      raise CheckpointNotFoundError(
-          f'No --checkpoint given and no run with a checkpoint under '
-          f'{os.path.abspath(runs_dir)} (set $VPR_RUNS_DIR or pass --checkpoint).')
+  checkpoint = resolve_checkpoint(checkpoint)
   check_arguments(batch_size, num_workers, visualize, visualize_k)
   # Every result file is checked before the (long) evaluation, so that none is lost at its end.
-  for path, flag in ((output, '--output'), (save_descriptors_to, '--save_descriptors'),
-                     (save_predictions_to, '--save_predictions')):
-    if path:
-      fileio.check_output_path(path, flag)
-  if visualize:
-    fileio.check_output_folder(visualize_dir or 'visualizations', '--visualize_dir')
-  checkpoint_config, variables, step = orbax_states.load_for_eval(checkpoint)
-  print_fn(f'Checkpoint: {os.path.abspath(checkpoint)} (step {step})')
-  if config is None:
-    config = checkpoint_config
-  elif config.model.to_dict() != checkpoint_config.model.to_dict():
-    logging.warning('The model fields of the given config differ from those of the checkpoint; '
-                    'the checkpoint variables may not fit.')
+  check_output_files(output, save_descriptors_to, save_predictions_to,
+                     visualize_dir if visualize else None, bool(visualize))
+  config, model, variables, step = load_model(checkpoint, config, print_fn)
   datasets = list(datasets) if datasets else list(config.data.val_datasets)
   if not datasets:
     raise ConfigError('No dataset to evaluate: pass --dataset.')
@@ -103,7 +87,73 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
       config.data.num_workers if num_workers is None else num_workers)
   image_size = vpr_model.eval_image_size(config)
   interpolation = str(config.data.get('eval_interpolation', 'bilinear'))
-  radius = float(config.data.positive_radius_m)
+  root = data_root or config.data.root
+  if not root and roots.synthetic_enabled(config):
+    root = roots.synthetic_data_root()  # where the demo generated its data
+
+  # Every set is read and checked before the first is evaluated: a mistake in the last one
+  # stops the command before any long work.
+  loaded = catalog.load_benchmarks(
+      datasets, root, float(config.data.positive_radius_m),
+      ground_truth_dir=ground_truth_dir or config.data.get('ground_truth_dir', ''),
+      prepared=tuple(config.data.get('prepared_benchmarks', ())), print_fn=print_fn)
+  results = []
+  for benchmark in loaded:
+    result = benchmark_eval.evaluate_dataset(model, variables, benchmark, image_size, batch_size,
+                                             num_workers, interpolation=interpolation)
+    print_fn(outputs.format_recall_table(result.dataset, result.recall))
+    for note in result_notes(result, benchmark):
+      print_fn(note)
+    results.append(result)
+
+  extra = {'checkpoint': os.path.abspath(checkpoint), 'step': None if step is None else int(step),
+           'image_size': list(image_size)}
+  write_outputs(results, extra, output, save_descriptors_to, save_predictions_to, print_fn)
+  if visualize:
+    write_sheets(results, visualize_dir or 'visualizations', visualize, visualize_k,
+                 only_failures, print_fn)
+  return results
+
+
+def resolve_checkpoint(checkpoint: Optional[str]) -> str:
+  """The checkpoint given, or the most recent run under the default runs folder."""
+  if checkpoint:
+    return checkpoint
+  runs_dir = runs.default_runs_dir()
+  latest = runs.find_latest_run(runs_dir)
+  if latest is None:
+    raise CheckpointNotFoundError(
+        f'No --checkpoint given and no run with a checkpoint under '
+        f'{os.path.abspath(runs_dir)} (set $VPR_RUNS_DIR or pass --checkpoint).')
+  return latest
+
+
+def check_output_files(output: Optional[str], save_descriptors_to: Optional[str],
+                       save_predictions_to: Optional[str], visualize_dir: Optional[str],
+                       visualize: bool):
+  """Raises OutputPathError for a result file or sheet folder that could not be written."""
+  for path, flag in ((output, '--output'), (save_descriptors_to, '--save_descriptors'),
+                     (save_predictions_to, '--save_predictions')):
+    if path:
+      fileio.check_output_path(path, flag)
+  if visualize:
+    fileio.check_output_folder(visualize_dir or 'visualizations', '--visualize_dir')
+
+
+def load_model(checkpoint: str, config, print_fn: Callable[[str], None]):
+  """(config, model, variables, step) of a checkpoint, the model built from `config` if given.
+
+  Raises:
+    CheckpointMismatchError: the checkpoint's variables do not fit the given config's model.
+  """
+  checkpoint_config, variables, step = orbax_states.load_for_eval(checkpoint)
+  print_fn(f'Checkpoint: {os.path.abspath(checkpoint)} (step {step})')
+  if config is None:
+    config = checkpoint_config
+  elif config.model.to_dict() != checkpoint_config.model.to_dict():
+    logging.warning('The model fields of the given config differ from those of the checkpoint; '
+                    'the checkpoint variables may not fit.')
+  image_size = vpr_model.eval_image_size(config)
   model = vpr_model.build_model(config, image_size=image_size)
   if config is not checkpoint_config:
     # A config of another architecture would otherwise fail deep inside the forward pass.
@@ -115,36 +165,27 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
           f'The variables of {os.path.abspath(checkpoint)} (step {step}) do not fit the model of '
           'the given config; evaluate without --config, or with the config the checkpoint was '
           'trained with. Differences:\n  ' + '\n  '.join(differences))
-  root = data_root or config.data.root
-  if not root and roots.synthetic_enabled(config):
-    root = roots.synthetic_data_root()  # where the demo generated its data
+  return config, model, variables, step
 
-  # Every set is read and checked before the first is evaluated: a mistake in the last one
-  # stops the command before any long work.
-  loaded = catalog.load_benchmarks(
-      datasets, root, radius,
-      ground_truth_dir=ground_truth_dir or config.data.get('ground_truth_dir', ''),
-      prepared=tuple(config.data.get('prepared_benchmarks', ())), print_fn=print_fn)
-  results = []
-  for benchmark in loaded:
-    result = benchmark_eval.evaluate_dataset(model, variables, benchmark, image_size, batch_size,
-                                             num_workers, interpolation=interpolation)
-    print_fn(outputs.format_recall_table(result.dataset, result.recall))
-    notes = []
-    if result.queries_without_positives:
-      within = (f'within {benchmark.radius_m:g} m' if benchmark.radius_m is not None
-                else 'in the ground truth')
-      notes.append(f'{result.queries_without_positives} of {result.num_queries} queries have no '
-                   f'positive {within} (counted as misses).')
-    if result.num_database < max(search.RECALL_NS):
-      notes.append(f'The database has only {result.num_database} images: Recall@N for larger N '
-                   'uses all of them.')
-    for note in notes:
-      print_fn(note)
-    results.append(result)
 
-  extra = {'checkpoint': os.path.abspath(checkpoint), 'step': None if step is None else int(step),
-           'image_size': list(image_size)}
+def result_notes(result: benchmark_eval.EvalResult, benchmark) -> list[str]:
+  """What a reader of a recall table must know: queries without positives, a small database."""
+  notes = []
+  if result.queries_without_positives:
+    within = (f'within {benchmark.radius_m:g} m' if benchmark.radius_m is not None
+              else 'in the ground truth')
+    notes.append(f'{result.queries_without_positives} of {result.num_queries} queries have no '
+                 f'positive {within} (counted as misses).')
+  if result.num_database < max(search.RECALL_NS):
+    notes.append(f'The database has only {result.num_database} images: Recall@N for larger N '
+                 'uses all of them.')
+  return notes
+
+
+def write_outputs(results: Sequence[benchmark_eval.EvalResult], extra: dict,
+                  output: Optional[str], save_descriptors_to: Optional[str],
+                  save_predictions_to: Optional[str], print_fn: Callable[[str], None]):
+  """Writes the JSON summary, the descriptors (one file per set when several), the CSV."""
   if output:
     outputs.write_json(output, results, extra)
     print_fn(f'Wrote {output}')
@@ -156,11 +197,13 @@ def evaluate(checkpoint: Optional[str], datasets: Optional[Sequence[str]] = None
   if save_predictions_to:
     outputs.save_predictions(save_predictions_to, results)
     print_fn(f'Wrote {save_predictions_to}')
-  if visualize:
-    visualize_dir = visualize_dir or 'visualizations'
-    for result in results:
-      folder = visualize_lib.sheet_folder(visualize_dir, result.dataset)
-      written = visualize_lib.visualize_predictions(result, folder, visualize, top_k=visualize_k,
-                                                    only_failures=only_failures)
-      print_fn(f'Wrote {len(written)} query sheets to {folder}')
-  return results
+
+
+def write_sheets(results: Sequence[benchmark_eval.EvalResult], visualize_dir: str, count: int,
+                 top_k: int, only_failures: bool, print_fn: Callable[[str], None]):
+  """Writes `count` query sheets (PNG) per set, in a subfolder per set."""
+  for result in results:
+    folder = visualize_lib.sheet_folder(visualize_dir, result.dataset)
+    written = visualize_lib.visualize_predictions(result, folder, count, top_k=top_k,
+                                                  only_failures=only_failures)
+    print_fn(f'Wrote {len(written)} query sheets to {folder}')
