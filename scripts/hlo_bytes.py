@@ -3,8 +3,8 @@
 Every top-level instruction of the entry computation (and of the bodies it calls: while, call,
 conditional) is one kernel or library call; its traffic is the bytes of its operands plus its
 result, as XLA's GPU cost model counts a fusion. cuDNN and cuBLAS custom calls are counted the
-same way (XLA's generic cost analysis counts them as -1); their scratch workspace (the u8
-element of their result tuple) is left out. No reuse through L2 / VMEM between kernels is
+same way (XLA's generic cost analysis counts them as -1); their scratch workspace (the 1-D u8 / s8
+last element of their result tuple) is left out. No reuse through L2 / VMEM between kernels is
 assumed, so this is an estimate of HBM traffic, not a measurement.
 
 Kinds: 'convolution' (cuDNN calls, or fusions holding a convolution), 'matmul' (cuBLAS calls, or
@@ -42,7 +42,9 @@ def shape_bytes(shape: str, skip_u8_in_tuple: bool = False) -> float:
   """Bytes of an HLO shape string (arrays and tuples; layouts ignored)."""
   parts = _SHAPE.findall(shape)
   if skip_u8_in_tuple and shape.startswith('(') and len(parts) > 1:
-    parts = [p for p in parts if p[0] != 'u8']
+    # The scratch workspace of cuDNN / cuBLAS calls: a 1-D u8 (or s8) last element.
+    if parts[-1][0] in ('u8', 's8') and ',' not in parts[-1][1]:
+      parts = parts[:-1]
   total = 0.0
   for dtype, dims in parts:
     count = 1
@@ -229,7 +231,7 @@ def _add(traffic: Traffic, instruction: Instruction, shapes: dict, computations:
   traffic.largest.append((size, kind, instruction.shape[:80], op_name[-120:]))
 
 
-def analyse_hlo(text: str, top: int = 25) -> Traffic:
+def analyse_hlo(text: str, top: int = 200) -> Traffic:
   """HBM traffic of an optimised HLO module's text (`compiled.as_text()`)."""
   computations, entry = parse_module(text)
   traffic = Traffic()
