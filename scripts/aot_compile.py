@@ -151,6 +151,19 @@ def lowered_flops(lowered) -> float | None:
   return float(cost['flops']) if cost and cost.get('flops') else None
 
 
+def lowered_flops_and_bytes(compiled) -> dict:
+  """FLOPs and bytes of a compiled program's own cost analysis ({} where it has none)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return {}
+  return {'flops': cost.get('flops'), 'bytes_accessed': cost.get('bytes accessed')}
+
+
 def cpu_flops(config, num_devices: int, weak_scaling: bool) -> tuple[float, float]:
   """FLOPs of the whole global train step and eval forward, counted on one CPU device."""
   cpu = jax.devices('cpu')[:1]
@@ -190,6 +203,10 @@ def analyse(lowered, target: aot_targets.Target, images: int, num_devices: int,
   if flops:
     result['gflop_per_image'] = flops * num_devices / images / 1e9
   result['hbm_bytes_per_image'] = traffic.total_bytes * num_devices / images
+  # The target's own cost analysis where it has one (TPU; the GPU compile-only client has none).
+  own = lowered_flops_and_bytes(compiled)
+  if own:
+    result['target_cost_analysis'] = own
   result['bound'] = target.roofline(flops, traffic.total_bytes, images)
   return result
 
@@ -313,8 +330,9 @@ def main(argv=None) -> dict:
         rows.append(row)
   result = {'environment': environment(), 'args': vars(args), 'rows': rows,
             'skipped_targets': {t.name: t.missing() for t in missing}}
-  print(format_table(rows))
-  print(format_parts(rows))
+  if rows:
+    print(format_table(rows))
+    print(format_parts(rows))
   if args.output:
     with open(args.output + '.tmp', 'w') as f:
       json.dump(result, f, indent=1)

@@ -116,7 +116,8 @@ def parse_module(text: str) -> tuple[dict, str]:
 def model_part(op_name: str) -> str:
   """The model part an op belongs to, from its op_name metadata."""
   for scope in ('augment', 'loss', 'optimizer'):
-    if f'/{scope}/' in op_name or op_name.endswith(f'/{scope}'):
+    # A named scope shows as '/loss/' or, inside autodiff, as 'jvp(loss)'.
+    if re.search(rf'[/(]{scope}[/)]', op_name + '/'):
       return scope
   if '/aggregator' in op_name:
     return 'aggregator'
@@ -218,7 +219,8 @@ def _add(traffic: Traffic, instruction: Instruction, shapes: dict, computations:
     return
   is_custom = instruction.opcode == 'custom-call'
   size = shape_bytes(instruction.shape, skip_u8_in_tuple=is_custom)
-  size += sum(shapes.get(name, 0.0) for name in instruction.operands)
+  # Each distinct operand is read once (an operand listed twice is one buffer).
+  size += sum(shapes.get(name, 0.0) for name in dict.fromkeys(instruction.operands))
   kind = _kind(instruction, computations)
   part = model_part(op_name)
   direction = 'backward' if 'transpose(' in op_name else 'forward'
