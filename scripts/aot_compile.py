@@ -346,4 +346,5 @@ if __name__ == '__main__':
   except aot_targets.TargetError as error:
     print(f'aot_compile: {error}', file=sys.stderr)
     sys.exit(1)
-  sys.exit(0 if outcome['rows'] or not outcome['skipped_targets'] else 1)
+  # 3: nothing compiled because a target's plugin is missing (not a compile error).
+  sys.exit(0 if outcome['rows'] or not outcome['skipped_targets'] else 3)

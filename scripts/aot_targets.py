@@ -81,16 +81,18 @@ class Target:
 
   def missing(self) -> str:
     """'' when this target can compile here, else one line saying what is missing."""
-    package = {'gpu': 'jax-cuda12-plugin', 'tpu': 'libtpu'}.get(self.kind)
-    if package is None:
+    packages = {'gpu': ('jax-cuda12-plugin', 'jax-cuda13-plugin'), 'tpu': ('libtpu',)}
+    if self.kind not in packages:
       return ''
-    try:
-      importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      extra = 'cuda12' if self.kind == 'gpu' else 'tpu'
-      return (f'{package} is not installed; in a separate venv: pip install '
-              f'"jax[{extra}]==$(python -c "import jax; print(jax.__version__)")" -e .')
-    return ''
+    for package in packages[self.kind]:
+      try:
+        importlib.metadata.version(package)
+        return ''
+      except importlib.metadata.PackageNotFoundError:
+        pass
+    extra = 'cuda12' if self.kind == 'gpu' else 'tpu'
+    return (f'{packages[self.kind][0]} is not installed; in a separate venv: pip install '
+            f'"jax[{extra}]=={jax.__version__}" -e .')
 
   def devices(self, count: int) -> list:
     """`count` devices of this target (compile-only devices for GPU and TPU)."""

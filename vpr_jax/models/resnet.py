@@ -154,7 +154,9 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
-    groups = 1 if self.sync else self.groups
+    # Groups matter only for batch statistics (initialisation runs on a batch of one).
+    per_device = not self.sync and train and not self.use_running_stats_in_train
+    groups = self.groups if per_device and not self.is_initializing() else 1
     if x.shape[0] % groups:
       raise ValueError(f'A batch of {x.shape[0]} does not split into {groups} BatchNorm groups.')
     # [G, N / G, ...]: statistics per group (G = 1: the whole batch).
