@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -10,6 +11,7 @@ from vpr_jax.configs import default
 from vpr_jax import losses
 from vpr_jax import optim
 from vpr_jax import parallel
+from vpr_jax.errors import ConfigError
 from vpr_jax.training import state as train_state
 from vpr_jax.training import step as train_step_lib
 from vpr_jax.models import vpr_model
@@ -135,6 +137,17 @@ def test_batch_sizes_and_flatten():
 def test_unknown_mode_lists_choices():
   with pytest.raises(ValueError, match='valid choices: jit, pmap'):
     parallel.DataParallel('gspmd')
+
+
+def test_sync_batch_norm_must_be_a_bool():
+  config = tiny_config()
+  parallel.check_config(config)
+  assert config.sync_batch_norm is True  # The default: the one-device semantics.
+  # A config file of one's own may define the field with another type.
+  fields = config.to_dict()
+  fields['sync_batch_norm'] = 'no'
+  with pytest.raises(ConfigError, match="sync_batch_norm must be True or False, got 'no'"):
+    parallel.check_config(ml_collections.ConfigDict(fields))
 
 
 def test_distributed_initialization_from_environment(monkeypatch):
