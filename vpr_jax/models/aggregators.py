@@ -168,11 +168,7 @@ def _layer_norm_backward(epsilon, residuals, grad):
   normalised = (x.astype(mean.dtype) - mean) * rstd
   grad = grad.astype(mean.dtype)
   batch_axes = tuple(range(x.ndim - 1))
-  # The parameter gradients reduce over other axes than the statistics, so XLA writes their
-  # elementwise products to memory between kernels: stored in x's dtype (halved in bfloat16;
-  # float32 unchanged), summed in float32.
-  stored = lambda v: v.astype(x.dtype).astype(mean.dtype)
-  grad_scale = jnp.sum(stored(grad * normalised), axis=batch_axes)
+  grad_scale = jnp.sum(grad * normalised, axis=batch_axes)
   grad_bias = jnp.sum(grad, axis=batch_axes)
   grad_normalised = grad * scale
   grad_x = rstd * (grad_normalised - jnp.mean(grad_normalised, axis=-1, keepdims=True)
