@@ -17,12 +17,12 @@ evaluation forward (`evaluation.descriptors.make_embed_fn`), and reports:
   - the roofline bound: FLOPs / peak and bytes / bandwidth, and the img/s of the larger.
 
 Needs its own virtual environment (never the project's default install):
-  python3 -m venv /work/aot-venv && /work/aot-venv/bin/pip install "jax[cuda12]==0.10.2" -e .
-  # TPU targets additionally: /work/aot-venv/bin/pip install "jax[tpu]==0.10.2"
+  python3 -m venv ~/vpr_jax_aot && ~/vpr_jax_aot/bin/pip install "jax[cuda12]==0.10.2" -e .
+  # TPU targets additionally: ~/vpr_jax_aot/bin/pip install "jax[tpu]==0.10.2"
 
-  /work/aot-venv/bin/python scripts/aot_compile.py --configs mixvpr,mixvpr_r50 \
+  ~/vpr_jax_aot/bin/python scripts/aot_compile.py --configs mixvpr,mixvpr_r50 \
       --targets h100 --devices 1,8 --output aot.json
-  /work/aot-venv/bin/python scripts/aot_compile.py --targets cpu --configs mixvpr \
+  ~/vpr_jax_aot/bin/python scripts/aot_compile.py --targets cpu --configs mixvpr \
       --places_per_batch 8                 # the same breakdown of the CPU program
 
 `--dtype` is explicit (default bfloat16): under JAX_PLATFORMS=cpu, model.dtype='auto' would
