@@ -209,6 +209,11 @@ def get_config():
   config.max_steps = 0
   # Data parallelism: 'jit' (jax.jit over a device Mesh with NamedSharding) or 'pmap'.
   config.parallel = 'jit'
+  # BatchNorm statistics over several devices: True computes them over the global batch (the
+  # one-device result; one small all-reduce per BatchNorm layer and pass); False uses each
+  # device's own images (PyTorch DDP's default without SyncBatchNorm: no collective per layer;
+  # the running statistics move by the mean over devices).
+  config.sync_batch_norm = True
   # Validate every this many epochs, and optionally before the first step.
   config.eval_every_epochs = 1
   config.eval_before_training = False

@@ -10,6 +10,8 @@
 # wheels of what that image lacks (--download-wheels fetches them for Python 3.12); they are
 # installed with pip --no-index into a private folder. Every result goes to ${OUT:-./gpu_results}:
 #   env.txt             GPU, driver, package versions
+#   aot.json            scripts/aot_compile.py: the measured steps compiled ahead of time for an
+#                       H100 (memory, FLOPs, HBM bytes, roofline bound); checked first
 #   compute.json        bench_train compute-only: both recipes, vpr_jax vs the PyTorch variants,
 #                       the step with device RandAugment, device RandAugment alone, memory
 #   data.json           bench_train end-to-end, host pipeline and eval from prepared records
@@ -163,6 +165,25 @@ else
                  --source-size 480,640)
   compute_extra=()
 fi
+
+# 0. The AOT compile of the measured steps (train step + eval forward of both recipes) for an
+#    H100 description, on the CPU client: a compile error stops the run here, before any of the
+#    device time goes to the measurements (scripts/aot_compile.py; cpu-smoke: the CPU target).
+#    Run the same command on the CPU machine before asking for a GPU.
+if [[ $mode == cpu ]]; then
+  aot_args=(--targets cpu --devices 1,8 --configs mixvpr --places_per_batch 2 --image_size 64
+            --set data.eval_batch_size=8)
+else
+  aot_args=(--targets h100 --devices 1 --configs mixvpr,mixvpr_r50)
+fi
+run aot 60 env JAX_PLATFORMS=cpu "$py" scripts/aot_compile.py "${aot_args[@]}" \
+  --output "$OUT/aot.json"
+if ((${#failed[@]})) && [[ ${failed[0]} != 'aot (exit 3)' ]]; then
+  say "the AOT compile failed: nothing is measured (fix the compile first)"
+  exit 1
+fi
+# Exit 3: no CUDA plugin metadata in this python (then the measurements still run).
+failed=()
 
 # 1. Compute-only train step, both recipes, vpr_jax (jit and pmap) vs PyTorch (eager,
 #    channels_last, compile).

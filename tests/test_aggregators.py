@@ -284,3 +284,32 @@ def test_errors():
   module = aggregators.make_aggregator(small_model_config('mixvpr'), (4, 4))
   with pytest.raises(ValueError, match='image size'):
     jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 5, 4, 8)))
+
+
+def test_layer_norm_gradient_matches_float64_autodiff():
+  """MixVPR's LayerNorm (written-out gradient) against float64 autodiff of flax's LayerNorm
+  (torch semantics): within the error of float32 autodiff of the same LayerNorm, and the same
+  parameter names."""
+  flax_nn = pytest.importorskip('flax.linen')
+  x = np.asarray(jax.random.normal(jax.random.key(0), (3, 5, 49)) * 2.0 + 1.0, np.float32)
+  grad = np.asarray(jax.random.normal(jax.random.key(1), x.shape), np.float32)
+  reference = flax_nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)
+  ours = aggregators.LayerNorm(epsilon=1e-5)
+  variables = reference.init(jax.random.key(2), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(ours.init(jax.random.key(2), x))
+  variables = jax.tree.map(lambda p: p + np.linspace(-0.3, 0.3, p.size, dtype=np.float32),
+                           variables)
+
+  def gradients(module, variables, x, grad):
+    return jax.grad(lambda v, x: jnp.sum(module.apply(v, x) * grad), argnums=(0, 1))(variables, x)
+
+  with jax.enable_x64(True):
+    as64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+    exact = gradients(reference, as64(variables), as64(x), as64(grad))
+    exact_forward = reference.apply(as64(variables), as64(x))
+  float32_autodiff = gradients(reference, variables, x, grad)
+  found = gradients(ours, variables, x, grad)
+  np.testing.assert_allclose(ours.apply(variables, x), exact_forward, rtol=0, atol=1e-6)
+  for expected, autodiff, value in zip(*map(jax.tree.leaves, (exact, float32_autodiff, found))):
+    budget = 4 * np.max(np.abs(autodiff - expected)) + 1e-6
+    assert np.max(np.abs(value - expected)) <= budget

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -10,6 +11,7 @@ from vpr_jax.configs import default
 from vpr_jax import losses
 from vpr_jax import optim
 from vpr_jax import parallel
+from vpr_jax.errors import ConfigError
 from vpr_jax.training import state as train_state
 from vpr_jax.training import step as train_step_lib
 from vpr_jax.models import vpr_model
@@ -137,6 +139,17 @@ def test_unknown_mode_lists_choices():
     parallel.DataParallel('gspmd')
 
 
+def test_sync_batch_norm_must_be_a_bool():
+  config = tiny_config()
+  parallel.check_config(config)
+  assert config.sync_batch_norm is True  # The default: the one-device semantics.
+  # A config file of one's own may define the field with another type.
+  fields = config.to_dict()
+  fields['sync_batch_norm'] = 'no'
+  with pytest.raises(ConfigError, match="sync_batch_norm must be True or False, got 'no'"):
+    parallel.check_config(ml_collections.ConfigDict(fields))
+
+
 def test_distributed_initialization_from_environment(monkeypatch):
   for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_STEP_ID',
                'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES'):
@@ -151,3 +164,45 @@ def test_distributed_initialization_from_environment(monkeypatch):
   monkeypatch.setenv('JAX_PROCESS_ID', '1')
   assert parallel.maybe_initialize_distributed() is True
   assert calls == [{'coordinator_address': 'localhost:1234', 'num_processes': 2, 'process_id': 1}]
+
+
+def _train_forward(model, variables, images):
+  outputs, mutated = model.apply(variables, images, train=True, mutable=['batch_stats'])
+  return outputs['features'], mutated['batch_stats']
+
+
+@pytest.mark.parametrize('mode', ['pmap', 'jit'])
+def test_sync_batch_norm_false_normalises_each_device_alone(mode):
+  """sync_batch_norm=False: each device's features are the one-device forward of its own images
+  (per-device BatchNorm statistics, as PyTorch DDP), and the running statistics move by the mean
+  over devices; True (the default) gives the one-device result of the whole batch."""
+  config = tiny_config()
+  images = parallel.flatten_places(_batch(0))['images']
+  single = vpr_model.build_model(config)
+  variables = jax.device_get(vpr_model.init_variables(single, jax.random.PRNGKey(0),
+                                                      config.image_size))
+  forward = jax.jit(functools.partial(_train_forward, single))
+  shards = [jax.device_get(forward(variables, shard)) for shard in np.split(images, 8)]
+  whole = jax.device_get(forward(variables, images))
+  per_device = (np.concatenate([features for features, _ in shards]),
+                jax.tree.map(lambda *s: np.mean(s, axis=0), *[stats for _, stats in shards]))
+
+  for sync, expected in ((False, per_device), (True, whole)):
+    config.sync_batch_norm = sync
+    dp = parallel.DataParallel(mode)
+    model = vpr_model.build_model(config, bn_axis_name=dp.axis_name, bn_sync=sync,
+                                  bn_groups=8 if (mode == 'jit' and not sync) else 1)
+    if mode == 'jit':
+      run = jax.jit(functools.partial(_train_forward, model))
+      features, stats = jax.device_get(run(dp.replicate(variables),
+                                           dp.shard_batch({'images': images})['images']))
+    else:
+      run = jax.pmap(functools.partial(_train_forward, model), axis_name=parallel.BATCH_AXIS,
+                     in_axes=(None, 0))
+      features, stats = jax.device_get(run(variables, images.reshape((8, -1) + images.shape[1:])))
+      features, stats = features.reshape((-1,) + features.shape[2:]), dp.to_host(stats)
+    np.testing.assert_allclose(features, expected[0], rtol=1e-4, atol=1e-4)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), stats,
+                 expected[1])
+  # The two settings differ visibly on this batch (so the test tells them apart).
+  assert np.max(np.abs(per_device[0] - whole[0])) > 1e-2

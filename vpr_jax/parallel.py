@@ -139,11 +139,14 @@ def batch_sizes(places_per_batch: int, images_per_place: int) -> BatchSizes:
 
 
 def check_config(config) -> None:
-  """Checks config.parallel and that the batch (data.places_per_batch x data.images_per_place)
+  """Checks config.parallel, config.sync_batch_norm and that the batch (data.places_per_batch x data.images_per_place)
   splits over the processes and devices."""
   if config.parallel not in PARALLEL_MODES:
     raise ConfigError(f'Unknown parallel mode {config.parallel!r}; valid choices: '
                       f'{", ".join(PARALLEL_MODES)}.')
+  if not isinstance(config.get('sync_batch_norm', True), bool):
+    raise ConfigError(f'sync_batch_norm must be True or False, got '
+                      f'{config.sync_batch_norm!r}.')
   for field in ('places_per_batch', 'images_per_place'):
     value = config.data[field]
     if not isinstance(value, int) or value < 1:

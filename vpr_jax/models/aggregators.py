@@ -9,6 +9,7 @@ Parameters are float32; matrix products run in the compute `dtype`; norms, pooli
 LayerNorm run in float32.
 """
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -133,22 +134,86 @@ class ConvAP(nn.Module):
     return l2_normalize(y.reshape(y.shape[0], -1))
 
 
+def _layer_norm_stats(x: jax.Array, epsilon: float):
+  """x in (at least) float32, its mean and 1 / std over the last axis (two passes, as torch)."""
+  xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(xs, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xs - mean), axis=-1, keepdims=True)
+  return xs, mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """torch's LayerNorm over the last axis, computed in float32, returned in x's dtype.
+
+  The same values as flax's LayerNorm (use_fast_variance=False). Its gradient is written out:
+  the forward keeps only x and the per-row statistics for the backward, which recomputes the
+  normalised input, where autodiff of the forward keeps float32 intermediates of x's size
+  (1-2% fewer HBM bytes in the compiled MixVPR train steps, docs/performance.md; XLA still
+  materialises float32 tensors between the backward's kernels, because the parameter gradients
+  reduce over other axes than the statistics).
+  """
+  return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_forward(x, scale, bias, epsilon):
+  xs, mean, rstd = _layer_norm_stats(x, epsilon)
+  y = (xs - mean) * (rstd * scale) + bias
+  return y.astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_backward(epsilon, residuals, grad):
+  del epsilon
+  x, mean, rstd, scale = residuals
+  normalised = (x.astype(mean.dtype) - mean) * rstd
+  grad = grad.astype(mean.dtype)
+  batch_axes = tuple(range(x.ndim - 1))
+  grad_scale = jnp.sum(grad * normalised, axis=batch_axes)
+  grad_bias = jnp.sum(grad, axis=batch_axes)
+  grad_normalised = grad * scale
+  grad_x = rstd * (grad_normalised - jnp.mean(grad_normalised, axis=-1, keepdims=True)
+                   - normalised * jnp.mean(grad_normalised * normalised, axis=-1, keepdims=True))
+  return (grad_x.astype(x.dtype), grad_scale.astype(scale.dtype),
+          grad_bias.astype(scale.dtype))
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
+class LayerNorm(nn.Module):
+  """torch's nn.LayerNorm over the last axis (parameters 'scale' and 'bias', as flax's).
+
+  Statistics and normalisation in float32; the output in the input's dtype. See `layer_norm`.
+  """
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+    return layer_norm(x, scale, bias, self.epsilon)
+
+
 class FeatureMixerLayer(nn.Module):
-  """x + Linear2(ReLU(Linear1(LayerNorm(x)))) along the last (H*W) axis; x stays float32."""
+  """x + Linear2(ReLU(Linear1(LayerNorm(x)))) along the last (H*W) axis.
+
+  x and the output stay in the compute dtype, as the residual stream of the PyTorch module under
+  autocast (float16 there); LayerNorm's statistics and normalisation run in float32 and its
+  output is stored in the compute dtype, the input dtype of fc1. float32 compute is unchanged.
+  """
   mlp_ratio: float = 1.0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     in_dim = x.shape[-1]
-    y = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
-                     param_dtype=jnp.float32, name='norm')(x)
+    y = LayerNorm(epsilon=1e-5, name='norm')(x)
     dense = lambda features, name: nn.Dense(
         features, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=mixer_kernel_init,
         bias_init=nn.initializers.zeros, name=name)
-    y = nn.relu(dense(int(in_dim * self.mlp_ratio), 'fc1')(y.astype(self.dtype)))
+    y = nn.relu(dense(int(in_dim * self.mlp_ratio), 'fc1')(y))
     y = dense(in_dim, 'fc2')(y)
-    return x + y.astype(jnp.float32)
+    return x + y.astype(x.dtype)
 
 
 class MixVPR(nn.Module):
@@ -183,7 +248,7 @@ class MixVPR(nn.Module):
       raise ValueError(f'MixVPR was built for {tuple(self.in_hw)} feature maps but got {(h, w)}: '
                        'its mixer width is H*W, so the image size must match the config.')
     # NHWC -> [B, H*W, C] keeps the token order h * W + w; then [B, C, H*W] as torch's flatten(2).
-    x = x.astype(jnp.float32).reshape(b, h * w, c).transpose(0, 2, 1)
+    x = x.astype(self.dtype).reshape(b, h * w, c).transpose(0, 2, 1)
     for i in range(self.mix_depth):
       x = FeatureMixerLayer(mlp_ratio=self.mlp_ratio, dtype=self.dtype, name=f'mix_{i}')(x)
     x = x.transpose(0, 2, 1).astype(self.dtype)

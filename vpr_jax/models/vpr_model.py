@@ -124,8 +124,9 @@ def model_descriptor_dim(model_config, image_size: Sequence[int]) -> int:
   return aggregators.descriptor_dim(model_config, c, (h, w))
 
 
-def make_backbone(model_config, dtype: Any, bn_axis_name: Optional[str] = None) -> nn.Module:
-  """The configured backbone module (ResNet or DINOv2 ViT)."""
+def make_backbone(model_config, dtype: Any, bn_axis_name: Optional[str] = None,
+                  bn_sync: bool = True, bn_groups: int = 1) -> nn.Module:
+  """The configured backbone module (ResNet or DINOv2 ViT; BatchNorm options: `resnet.ResNet`)."""
   mc = model_config
   if is_vit(mc):
     embed_dim, depth, num_heads, ffn = vit_spec(mc)
@@ -141,7 +142,7 @@ def make_backbone(model_config, dtype: Any, bn_axis_name: Optional[str] = None) 
   return resnet.ResNet(
       depth=backbone_depth(mc), layers_to_crop=tuple(mc.layers_to_crop),
       layers_to_freeze=int(mc.layers_to_freeze), freeze_bn_stats=bool(mc.freeze_bn_stats),
-      dtype=dtype, bn_axis_name=bn_axis_name)
+      dtype=dtype, bn_axis_name=bn_axis_name, bn_sync=bn_sync, bn_groups=bn_groups)
 
 
 def make_any_aggregator(model_config, in_hw: Sequence[int], dtype: Any = jnp.float32
@@ -168,16 +169,21 @@ class VPRModel(nn.Module):
     model_config: the `config.model` ConfigDict (frozen by `build_model`).
     image_size: input (H, W); fixes the aggregator's input size.
     bn_axis_name: pmap axis name for cross-device BatchNorm statistics (None under jit).
+    bn_sync: BatchNorm statistics of the global batch (True) or of each device's images.
+    bn_groups: with bn_sync=False under jit, the number of devices (`resnet.BatchNorm.groups`).
   """
   model_config: Any
   image_size: Sequence[int]
   bn_axis_name: Optional[str] = None
+  bn_sync: bool = True
+  bn_groups: int = 1
 
   def setup(self):
     mc = self.model_config
     self.dtype = resolve_dtype(mc.dtype)
     h, w, _ = backbone_output_shape(mc, self.image_size)
-    self.backbone = make_backbone(mc, self.dtype, self.bn_axis_name)
+    self.backbone = make_backbone(mc, self.dtype, self.bn_axis_name, self.bn_sync,
+                                  self.bn_groups)
     self.aggregator = make_any_aggregator(mc, (h, w), self.dtype)
 
   @property
@@ -265,7 +271,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None,
-                image_size: Optional[Sequence[int]] = None) -> VPRModel:
+                image_size: Optional[Sequence[int]] = None, bn_sync: bool = True,
+                bn_groups: int = 1) -> VPRModel:
   """Builds the VPRModel of a full config (uses config.model and config.image_size).
 
   Args:
@@ -273,6 +280,8 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
     bn_axis_name: pmap axis name for BatchNorm statistics (None under jit).
     image_size: (H, W) input size; default config.image_size (evaluation passes
       `eval_image_size(config)`).
+    bn_sync: BatchNorm statistics of the global batch (True) or of each device's images.
+    bn_groups: with bn_sync=False under jit, the number of devices.
 
   Returns:
     The (unbound) VPRModel.
@@ -284,7 +293,7 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
   frozen = ml_collections.FrozenConfigDict(mc)  # Hashable, as flax module attributes should be.
   size = image_size if image_size is not None else config.image_size
   return VPRModel(model_config=frozen, image_size=tuple(int(s) for s in size),
-                  bn_axis_name=bn_axis_name)
+                  bn_axis_name=bn_axis_name, bn_sync=bn_sync, bn_groups=bn_groups)
 
 
 def init_variables(model: VPRModel, rng: jax.Array,

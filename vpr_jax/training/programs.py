@@ -42,6 +42,7 @@ _MAX_PROGRAMS = 4
 
 # Config fields that shape the compiled programs.
 _PROGRAM_FIELDS = ('model', 'image_size', 'eval_image_size', 'loss', 'optim', 'num_epochs', 'parallel',
+                   'sync_batch_norm',
                    'data.augment', 'data.randaugment_num_ops', 'data.randaugment_magnitude',
                    'data.randaugment_num_magnitude_bins')
 
@@ -77,7 +78,12 @@ def get_programs(config: ml_collections.ConfigDict, steps_per_epoch: int,
     return _PROGRAMS[key]
 
   dp = parallel.DataParallel(config.parallel, devices)
-  model = vpr_model.build_model(config, bn_axis_name=dp.axis_name)
+  sync = bool(config.get('sync_batch_norm', True))
+  # Per-device BatchNorm statistics: under jit the batch is split into one group per device
+  # (its shard); under pmap each device already sees only its own images.
+  groups = dp.num_devices if (not sync and dp.mode == 'jit') else 1
+  model = vpr_model.build_model(config, bn_axis_name=dp.axis_name, bn_sync=sync,
+                                bn_groups=groups)
   image_size = tuple(int(s) for s in config.image_size)
   init = jax.jit(lambda rng: vpr_model.init_variables(model, rng, image_size))
   abstract_params = jax.eval_shape(init, jax.random.PRNGKey(0))['params']

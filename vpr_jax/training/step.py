@@ -43,8 +43,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     (new state, metrics): loss, b_acc, lr, grad_norm, finite (1.0 if the update was applied).
   """
   images, labels = batch['images'], batch['labels']
+  # The named scopes label the ops of each part in the compiled program (its op_name metadata),
+  # so that scripts/aot_compile.py can attribute memory traffic to them.
   if augment_fn is not None:
-    images = augment_fn(images, jax.random.fold_in(rng, state.step), axis_name)
+    with jax.named_scope('augment'):
+      images = augment_fn(images, jax.random.fold_in(rng, state.step), axis_name)
 
   def loss_of(params):
     # The dropout key (SALAD) differs per step and per device; models without dropout ignore it.
@@ -55,28 +58,30 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
                                    train=True, mutable=['batch_stats'],
                                    rngs={'dropout': dropout_rng})
     # The miner and the loss see the whole global batch, as on one device.
-    descriptors = parallel.gather_global_batch(outputs['descriptors'], axis_name)
-    all_labels = parallel.gather_global_batch(labels, axis_name)
-    loss, loss_metrics = loss_fn(descriptors, all_labels)
+    with jax.named_scope('loss'):
+      descriptors = parallel.gather_global_batch(outputs['descriptors'], axis_name)
+      all_labels = parallel.gather_global_batch(labels, axis_name)
+      loss, loss_metrics = loss_fn(descriptors, all_labels)
     return loss, (mutated.get('batch_stats', {}), loss_metrics)
 
   (loss, (batch_stats, loss_metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(
       state.params)
-  # Every device computed the loss of the whole batch; collectives' transposes sum the
-  # per-device objectives, so the mean over devices is the gradient of that one loss.
-  grads = parallel.global_mean(grads, axis_name)
-  finite = jnp.isfinite(loss) & all_finite(grads)
+  with jax.named_scope('optimizer'):
+    # Every device computed the loss of the whole batch; collectives' transposes sum the
+    # per-device objectives, so the mean over devices is the gradient of that one loss.
+    grads = parallel.global_mean(grads, axis_name)
+    finite = jnp.isfinite(loss) & all_finite(grads)
 
-  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  keep = lambda new, old: jnp.where(finite, new, old)
-  new_state = updated.replace(
-      params=jax.tree.map(keep, updated.params, state.params),
-      opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state),
-      batch_stats=jax.tree.map(keep, updated.batch_stats, state.batch_stats),
-      nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
-      first_nonfinite_step=jnp.where(
-          (state.first_nonfinite_step < 0) & ~finite, state.step.astype(jnp.int32),
-          state.first_nonfinite_step))
+    updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = updated.replace(
+        params=jax.tree.map(keep, updated.params, state.params),
+        opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state),
+        batch_stats=jax.tree.map(keep, updated.batch_stats, state.batch_stats),
+        nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
+        first_nonfinite_step=jnp.where(
+            (state.first_nonfinite_step < 0) & ~finite, state.step.astype(jnp.int32),
+            state.first_nonfinite_step))
   metrics = {
       'loss': loss.astype(jnp.float32),
       'b_acc': jnp.asarray(loss_metrics.get('b_acc', jnp.nan), jnp.float32),
