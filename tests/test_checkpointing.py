@@ -100,6 +100,27 @@ def test_an_older_adam_checkpoint_is_not_resumed_as_adamw(tmp_path):
     run_config.check_resumable(current, _with_optimizer('adam_l2'))
 
 
+def test_a_checkpoint_from_before_sync_batch_norm_resumes_synced(tmp_path):
+  """A config.json of version 2 has no sync_batch_norm: its runs synchronised batch statistics."""
+  directory = str(tmp_path / 'checkpoints')
+  run_config.write_config(directory, default.get_config())
+  path = os.path.join(directory, 'config.json')
+  with open(path) as f:
+    fields = json.load(f)
+  del fields['sync_batch_norm']
+  fields[run_config.CONFIG_VERSION_KEY] = 2
+  with open(path, 'w') as f:
+    json.dump(fields, f)
+  os.makedirs(os.path.join(directory, 'latest', '3'))
+  assert run_config.read_config(directory).sync_batch_norm is True
+  assert run_config.check_resumable(directory, default.get_config()) == []
+  per_device = default.get_config()
+  per_device.sync_batch_norm = False
+  with pytest.raises(errors.CheckpointMismatchError,
+                     match='sync_batch_norm: checkpoint True, this run False'):
+    run_config.check_resumable(directory, per_device)
+
+
 def test_inference_checkpoint_round_trip_and_no_overwrite(tmp_path):
   config = default.get_config()
   out = tmp_path / 'converted'

@@ -21,7 +21,9 @@ from vpr_jax.checkpoints import runs
 from vpr_jax.errors import CheckpointMismatchError
 from vpr_jax.errors import CheckpointNotFoundError
 
-CONFIG_VERSION = 2
+# 2: optim.optimizer='adam' builds AdamW (before: L2 Adam, now 'adam_l2').
+# 3: sync_batch_norm (before: always synced, what sync_batch_norm=True does).
+CONFIG_VERSION = 3
 # Top-level key of config.json beside the config's fields; not a config field itself.
 CONFIG_VERSION_KEY = 'vpr_jax_config_version'
 
@@ -116,6 +118,9 @@ def _in_current_names(fields: dict, version: int) -> dict:
   optim_fields = fields.get('optim')
   if version < 2 and isinstance(optim_fields, dict) and optim_fields.get('optimizer') == 'adam':
     optim_fields['optimizer'] = 'adam_l2'
+  if version < 3:
+    # Batch statistics were always synchronised over the devices before the field existed.
+    fields.setdefault('sync_batch_norm', True)
   return fields
 
 
