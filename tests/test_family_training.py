@@ -39,6 +39,7 @@ import pytest
 
 from tests.test_aggregators import torch_reference_modules
 from tests.test_resnet import randomised_torchvision_resnet
+from tests.torch_vpr_references import GsvCitiesResNet
 from vpr_jax.configs import default
 from vpr_jax.configs import mixvpr_contrastive
 from vpr_jax.configs import mixvpr_triplet
@@ -106,35 +107,6 @@ def real_eval_images():
 
 # ----------------------------------------------------------------------------------------------
 # The family's training code (gsv-cities / MixVPR main.py, models/, utils/losses.py).
-
-
-class FamilyResNet(torch.nn.Module):
-  """models/backbones/resnet.py `ResNet`, pretrained path, on a given torchvision ResNet."""
-
-  def __init__(self, net, layers_to_freeze, layers_to_crop):
-    super().__init__()
-    self.model = net
-    if layers_to_freeze >= 0:
-      self.model.conv1.requires_grad_(False)
-      self.model.bn1.requires_grad_(False)
-    for i in range(1, 4):
-      if layers_to_freeze >= i:
-        getattr(self.model, f'layer{i}').requires_grad_(False)
-    self.model.avgpool = None
-    self.model.fc = None
-    for i in (4, 3):
-      if i in layers_to_crop:
-        setattr(self.model, f'layer{i}', None)
-
-  def forward(self, x):
-    m = self.model
-    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-    x = m.layer2(m.layer1(x))
-    if m.layer3 is not None:
-      x = m.layer3(x)
-    if m.layer4 is not None:
-      x = m.layer4(x)
-    return x
 
 
 class FamilyVPRModel(torch.nn.Module):
@@ -252,7 +224,8 @@ def family_model(recipe, config, seed=0):
   """The family's model for `recipe`, float32, with random (non-trivial) weights."""
   depth_name = str(config.model.backbone)
   net = randomised_torchvision_resnet(depth_name, seed)
-  backbone = FamilyResNet(net, recipe.layers_to_freeze, recipe.layers_to_crop)
+  backbone = GsvCitiesResNet(layers_to_crop=recipe.layers_to_crop, net=net,
+                             layers_to_freeze=recipe.layers_to_freeze)
   h, w, c = vpr_model.backbone_output_shape(config.model, config.image_size)
   ref = torch_reference_modules()
   torch.manual_seed(seed)

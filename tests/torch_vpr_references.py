@@ -436,11 +436,22 @@ class VPRModel(nn.Module):
 
 
 class GsvCitiesResNet(nn.Module):
-  """gsv-cities / MixVPR models/backbones/resnet.py `ResNet` (pretrained=False: nothing frozen)."""
+  """gsv-cities / MixVPR models/backbones/resnet.py `ResNet`.
 
-  def __init__(self, model_name='resnet50', layers_to_crop=()):
+  By default its pretrained=False path (a new torchvision model, nothing frozen). Given `net` (a
+  torchvision ResNet standing for the pretrained one), its pretrained path: conv1, bn1 and
+  layer1..layer`layers_to_freeze` get `requires_grad_(False)`, as the family freezes them.
+  """
+
+  def __init__(self, model_name='resnet50', layers_to_crop=(), net=None, layers_to_freeze=-1):
     super().__init__()
-    self.model = getattr(torchvision.models, model_name)(weights=None)
+    self.model = getattr(torchvision.models, model_name)(weights=None) if net is None else net
+    if net is not None and layers_to_freeze >= 0:
+      self.model.conv1.requires_grad_(False)
+      self.model.bn1.requires_grad_(False)
+    for i in range(1, 4):
+      if net is not None and layers_to_freeze >= i:
+        getattr(self.model, f'layer{i}').requires_grad_(False)
     self.model.avgpool = None
     self.model.fc = None
     if 4 in layers_to_crop:
