@@ -110,6 +110,22 @@ def test_signal_saves_the_current_step_and_the_rerun_resumes(signal_number, data
     assert [r['step'] for r in e2e.train_records(workdir)] == list(range(1, 41))
 
 
+def test_a_signal_while_the_stopped_command_exits_keeps_its_status(tmp_path):
+  """A second Ctrl-C that lands while the exit unwinds (clean-up code still running) must not
+  turn the command's status into death by SIGINT (-2): it ends the process with the same one."""
+  code = ('import os, signal, time\n'
+          'from vpr_jax.cli import common\n'
+          'try:\n'
+          '  common.exit_with_status_after_a_signal(130)\n'
+          'finally:\n'
+          '  os.kill(os.getpid(), signal.SIGINT)\n'
+          '  time.sleep(5)\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+
+
 def test_a_second_ctrl_c_before_the_first_step_is_one_line(data_root, tmp_path, tmp_path_factory):
   workdir = str(tmp_path / 'run')
   run = e2e.start_train(workdir, data_root, e2e.tiny_overrides(),

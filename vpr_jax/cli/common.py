@@ -190,6 +190,26 @@ def interrupted_line(signal_number: int, outcome: str) -> str:
   return f'Stopped by {signal.Signals(signal_number).name}: {outcome}'
 
 
+def _exit_now(status: int, signal_number: int, frame: Any) -> None:
+  del signal_number, frame  # Unused.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
+
+
+def exit_with_status_after_a_signal(status: int):
+  """Exits with `status` (128 + the first signal's number); another signal now exits at once.
+
+  The command has stopped cleanly and said so. A second Ctrl-C or SIGTERM arriving while the
+  interpreter shuts down would otherwise raise KeyboardInterrupt outside any handler, and Python
+  then ends itself by SIGINT (status -2) instead of the status the command chose; nothing is left
+  to save or clean up by then.
+  """
+  for number in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(number, functools.partial(_exit_now, status))
+  raise SystemExit(status)
+
+
 def _main_stopping_on_signals(main: Callable[[list[str]], Any], outcome: str,
                               argv: list[str]) -> Any:
   """Runs `main`; Ctrl-C (and SIGTERM, once `run` made it an exception) ends with one line."""
@@ -199,7 +219,7 @@ def _main_stopping_on_signals(main: Callable[[list[str]], Any], outcome: str,
     number = e.signal_number if isinstance(e, Interrupted) else int(signal.SIGINT)
     print(interrupted_line(number, outcome), file=sys.stderr, flush=True)
     # The shell's convention for a job ended by a signal: 128 + its number (130, 143).
-    raise SystemExit(128 + number) from None
+    exit_with_status_after_a_signal(128 + number)
 
 
 def run(main: Callable[[list[str]], Any], argv: Optional[Sequence[str]] = None,

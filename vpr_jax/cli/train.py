@@ -15,7 +15,6 @@ JAX_PROCESS_ID (or under SLURM / Open MPI), all with the same --workdir on a sha
 import datetime
 import os
 import signal
-import sys
 
 from absl import app
 from absl import flags
@@ -72,7 +71,7 @@ def main(argv, hooks=()):
   summary = common.report_user_errors(loop.train_and_evaluate, config, workdir, hooks=hooks)
   if summary['stopped_by']:
     # Stopped by a signal, after saving: the shell's convention for a job ended by it.
-    sys.exit(128 + signal.Signals[summary['stopped_by']].value)
+    common.exit_with_status_after_a_signal(128 + signal.Signals[summary['stopped_by']].value)
 
 
 def run():
