@@ -535,3 +535,8 @@ def test_training_validates_on_registered_family_sets(synthetic_root, tmp_path):
   with pytest.raises(errors.DatasetNotFoundError, match='nordland'):
     setup.setup_run(config, str(tmp_path / 'other'))
   assert not (tmp_path / 'other').exists()
+
+
+def test_listing_under_a_data_root_that_does_not_exist_is_refused(tmp_path):
+  with pytest.raises(errors.DatasetNotFoundError):
+    catalog.list_datasets(str(tmp_path / 'nope'), print_fn=lambda line: None)

@@ -206,7 +206,14 @@ def _expects(spec: registry.BenchmarkSpec, folder: str) -> str:
 
 def list_datasets(data_root: str = '', ground_truth_dir: str | None = None,
                   print_fn: Callable[[str], None] = print) -> list[Availability]:
-  """Prints (and returns) the availability of every registered benchmark."""
+  """Prints (and returns) the availability of every registered benchmark.
+
+  Raises:
+    DatasetNotFoundError: `data_root` is given but is not a folder (one line, instead of every
+      set listed as missing).
+  """
+  if data_root:
+    roots.resolve_data_root(data_root)
   rows = describe_all(data_root, ground_truth_dir)
   width = max(len(name) for name in registry.names())
   for row in rows:
