@@ -233,6 +233,19 @@ def _add(traffic: Traffic, instruction: Instruction, shapes: dict, computations:
   traffic.largest.append((size, kind, instruction.shape[:80], op_name[-120:]))
 
 
+def instruction_table(text: str) -> dict:
+  """{instruction name: (kind, part, 'forward' | 'backward')} of every instruction of a
+  compiled module (profilers name the kernels they time by these names)."""
+  computations, _ = parse_module(text)
+  table = {}
+  for body in computations.values():
+    for instruction in body:
+      op_name = _op_name(instruction, computations)
+      direction = 'backward' if 'transpose(' in op_name else 'forward'
+      table[instruction.name] = (_kind(instruction, computations), model_part(op_name), direction)
+  return table
+
+
 def analyse_hlo(text: str, top: int = 200) -> Traffic:
   """HBM traffic of an optimised HLO module's text (`compiled.as_text()`)."""
   computations, entry = parse_module(text)

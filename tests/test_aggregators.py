@@ -286,30 +286,55 @@ def test_errors():
     jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 5, 4, 8)))
 
 
-def test_layer_norm_gradient_matches_float64_autodiff():
-  """MixVPR's LayerNorm (written-out gradient) against float64 autodiff of flax's LayerNorm
-  (torch semantics): within the error of float32 autodiff of the same LayerNorm, and the same
-  parameter names."""
-  flax_nn = pytest.importorskip('flax.linen')
-  x = np.asarray(jax.random.normal(jax.random.key(0), (3, 5, 49)) * 2.0 + 1.0, np.float32)
-  grad = np.asarray(jax.random.normal(jax.random.key(1), x.shape), np.float32)
-  reference = flax_nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)
-  ours = aggregators.LayerNorm(epsilon=1e-5)
-  variables = reference.init(jax.random.key(2), x)
-  assert jax.tree.structure(variables) == jax.tree.structure(ours.init(jax.random.key(2), x))
-  variables = jax.tree.map(lambda p: p + np.linspace(-0.3, 0.3, p.size, dtype=np.float32),
-                           variables)
+def test_mixvpr_gradients_match_reference_autograd():
+  """Gradients of MixVPR (the LayerNorm affine folded into fc1, 2-D mixer rows) against torch
+  autograd of the reference module in float64: within 4x the error of the reference's own
+  float32 autograd, for every parameter and the input."""
+  torch = pytest.importorskip('torch', reason='torch is the reference implementation')
+  config = small_model_config('mixvpr')
+  features = _features((2, 8, 4, 3))
+  reference = torch_aggregator(config, 8, (4, 3))
+  with torch.no_grad():  # LayerNorm affine away from (1, 0), so the fold is exercised.
+    for layer in reference.mix:
+      layer.mix[0].weight.add_(torch.linspace(-0.5, 0.5, layer.mix[0].weight.numel()))
+      layer.mix[0].bias.add_(torch.linspace(-0.3, 0.3, layer.mix[0].bias.numel()))
+  weights = np.random.default_rng(1).standard_normal(
+      (2, aggregators.descriptor_dim(config, 8, (4, 3))))
 
-  def gradients(module, variables, x, grad):
-    return jax.grad(lambda v, x: jnp.sum(module.apply(v, x) * grad), argnums=(0, 1))(variables, x)
+  def torch_gradients(dtype):
+    module = reference.to(dtype)
+    x = torch.tensor(features, dtype=dtype, requires_grad=True)
+    module.zero_grad()
+    (module(x) * torch.tensor(weights, dtype=dtype)).sum().backward()
+    grads = {name: p.grad.numpy().astype(np.float64) for name, p in module.named_parameters()}
+    return grads, x.grad.numpy().transpose(0, 2, 3, 1).astype(np.float64)
 
-  with jax.enable_x64(True):
-    as64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-    exact = gradients(reference, as64(variables), as64(x), as64(grad))
-    exact_forward = reference.apply(as64(variables), as64(x))
-  float32_autodiff = gradients(reference, variables, x, grad)
-  found = gradients(ours, variables, x, grad)
-  np.testing.assert_allclose(ours.apply(variables, x), exact_forward, rtol=0, atol=1e-6)
-  for expected, autodiff, value in zip(*map(jax.tree.leaves, (exact, float32_autodiff, found))):
-    budget = 4 * np.max(np.abs(autodiff - expected)) + 1e-6
+  exact, exact_x = torch_gradients(torch.float64)
+  torch32, torch32_x = torch_gradients(torch.float32)
+  variables = mapping.aggregator_to_flax(reference.to(torch.float32).state_dict(), config, 8,
+                                         (4, 3))
+  module = aggregators.make_aggregator(config, (4, 3))
+  loss = lambda v, x: jnp.sum(module.apply(v, x) * weights.astype(np.float32))
+  with jax.default_matmul_precision('highest'):
+    grads, grad_x = jax.grad(loss, argnums=(0, 1))(
+        variables, jnp.asarray(features.transpose(0, 2, 3, 1)))
+  params = grads['params']
+  pairs = [(exact_x, torch32_x, np.asarray(grad_x))]
+  torch_names = {'norm': 'mix.0', 'fc1': 'mix.1', 'fc2': 'mix.3'}
+  for i in range(int(config.mixvpr_mix_depth)):
+    for layer, torch_layer in torch_names.items():
+      for leaf, torch_leaf in (('scale', 'weight'), ('kernel', 'weight'), ('bias', 'bias')):
+        if leaf in params[f'mix_{i}'][layer]:
+          name = f'mix.{i}.{torch_layer}.{torch_leaf}'
+          flip = (lambda a: a.T) if leaf == 'kernel' else (lambda a: a)
+          pairs.append((flip(exact[name]), flip(torch32[name]),
+                        np.asarray(params[f'mix_{i}'][layer][leaf])))
+  for layer in ('channel_proj', 'row_proj'):
+    pairs.append((exact[f'{layer}.weight'].T, torch32[f'{layer}.weight'].T,
+                  np.asarray(params[layer]['kernel'])))
+    pairs.append((exact[f'{layer}.bias'], torch32[f'{layer}.bias'],
+                  np.asarray(params[layer]['bias'])))
+  assert len(pairs) == 1 + 6 * int(config.mixvpr_mix_depth) + 4
+  for expected, float32_reference, value in pairs:
+    budget = 4 * np.max(np.abs(float32_reference - expected)) + 1e-7
     assert np.max(np.abs(value - expected)) <= budget

@@ -9,7 +9,6 @@ Parameters are float32; matrix products run in the compute `dtype`; norms, pooli
 LayerNorm run in float32.
 """
 
-import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -134,72 +133,50 @@ class ConvAP(nn.Module):
     return l2_normalize(y.reshape(y.shape[0], -1))
 
 
-def _layer_norm_stats(x: jax.Array, epsilon: float):
-  """x in (at least) float32, its mean and 1 / std over the last axis (two passes, as torch)."""
+def normalise_rows(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) over the last axis in float32 (torch's LayerNorm without its
+  affine), returned in x's dtype. Two passes for the variance, as torch."""
   xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = jnp.mean(xs, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(xs - mean), axis=-1, keepdims=True)
-  return xs, mean, jax.lax.rsqrt(var + epsilon)
+  return ((xs - mean) * jax.lax.rsqrt(var + epsilon)).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
-  """torch's LayerNorm over the last axis, computed in float32, returned in x's dtype.
-
-  The same values as flax's LayerNorm (use_fast_variance=False). Its gradient is written out:
-  the forward keeps only x and the per-row statistics for the backward, which recomputes the
-  normalised input, where autodiff of the forward keeps float32 intermediates of x's size
-  (1-2% fewer HBM bytes in the compiled MixVPR train steps, docs/performance.md; XLA still
-  materialises float32 tensors between the backward's kernels, because the parameter gradients
-  reduce over other axes than the statistics).
-  """
-  return _layer_norm_forward(x, scale, bias, epsilon)[0]
-
-
-def _layer_norm_forward(x, scale, bias, epsilon):
-  xs, mean, rstd = _layer_norm_stats(x, epsilon)
-  y = (xs - mean) * (rstd * scale) + bias
-  return y.astype(x.dtype), (x, mean, rstd, scale)
-
-
-def _layer_norm_backward(epsilon, residuals, grad):
-  del epsilon
-  x, mean, rstd, scale = residuals
-  normalised = (x.astype(mean.dtype) - mean) * rstd
-  grad = grad.astype(mean.dtype)
-  batch_axes = tuple(range(x.ndim - 1))
-  grad_scale = jnp.sum(grad * normalised, axis=batch_axes)
-  grad_bias = jnp.sum(grad, axis=batch_axes)
-  grad_normalised = grad * scale
-  grad_x = rstd * (grad_normalised - jnp.mean(grad_normalised, axis=-1, keepdims=True)
-                   - normalised * jnp.mean(grad_normalised * normalised, axis=-1, keepdims=True))
-  return (grad_x.astype(x.dtype), grad_scale.astype(scale.dtype),
-          grad_bias.astype(scale.dtype))
-
-
-layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
-
-
-class LayerNorm(nn.Module):
-  """torch's nn.LayerNorm over the last axis (parameters 'scale' and 'bias', as flax's).
-
-  Statistics and normalisation in float32; the output in the input's dtype. See `layer_norm`.
-  """
-  epsilon: float = 1e-5
+class LayerNormParams(nn.Module):
+  """The parameters of torch's nn.LayerNorm ('scale' and 'bias', as flax's LayerNorm)."""
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],), jnp.float32)
-    return layer_norm(x, scale, bias, self.epsilon)
+  def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
+    return (self.param('scale', nn.initializers.ones, (features,), jnp.float32),
+            self.param('bias', nn.initializers.zeros, (features,), jnp.float32))
+
+
+class DenseParams(nn.Module):
+  """The parameters of a Dense layer ('kernel' [in, out] and 'bias', as flax's nn.Dense);
+  the bias is None without one."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Any = mixer_kernel_init
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, Optional[jax.Array]]:
+    kernel = self.param('kernel', self.kernel_init, (in_features, self.features), jnp.float32)
+    if not self.use_bias:
+      return kernel, None
+    return kernel, self.param('bias', self.bias_init, (self.features,), jnp.float32)
 
 
 class FeatureMixerLayer(nn.Module):
-  """x + Linear2(ReLU(Linear1(LayerNorm(x)))) along the last (H*W) axis.
+  """x + Linear2(ReLU(Linear1(LayerNorm(x)))) along the last (H*W) axis of 2-D rows [R, H*W].
 
-  x and the output stay in the compute dtype, as the residual stream of the PyTorch module under
-  autocast (float16 there); LayerNorm's statistics and normalisation run in float32 and its
-  output is stored in the compute dtype, the input dtype of fc1. float32 compute is unchanged.
+  The LayerNorm's affine is folded into fc1: Linear1(n * scale + bias) = n @ (scale[:, None] *
+  W1) + (b1 + bias @ W1) for the normalised rows n, the same function (float32 results differ
+  by rounding only). The backward then has no reduction over the rows for the LayerNorm
+  parameters (their gradients come from fc1's, parameter-sized), which kept a float32 tensor of
+  the mixer's size in HBM per layer. Parameters keep the names of the PyTorch module's layers
+  ('norm', 'fc1', 'fc2'). x and the output stay in the compute dtype, as the residual stream of
+  the PyTorch module under autocast (float16 there); the statistics run in float32.
   """
   mlp_ratio: float = 1.0
   dtype: Any = jnp.float32
@@ -207,12 +184,14 @@ class FeatureMixerLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     in_dim = x.shape[-1]
-    y = LayerNorm(epsilon=1e-5, name='norm')(x)
-    dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=mixer_kernel_init,
-        bias_init=nn.initializers.zeros, name=name)
-    y = nn.relu(dense(int(in_dim * self.mlp_ratio), 'fc1')(y))
-    y = dense(in_dim, 'fc2')(y)
+    hidden = int(in_dim * self.mlp_ratio)
+    scale, bias = LayerNormParams(name='norm')(in_dim)
+    kernel1, bias1 = DenseParams(hidden, name='fc1')(in_dim)
+    kernel2, bias2 = DenseParams(in_dim, name='fc2')(hidden)
+    folded_kernel = (scale[:, None] * kernel1).astype(self.dtype)
+    folded_bias = (bias1 + bias @ kernel1).astype(self.dtype)
+    y = jnp.dot(normalise_rows(x).astype(self.dtype), folded_kernel) + folded_bias
+    y = jnp.dot(nn.relu(y), kernel2.astype(self.dtype)) + bias2.astype(self.dtype)
     return x + y.astype(x.dtype)
 
 
@@ -247,19 +226,28 @@ class MixVPR(nn.Module):
     if self.in_hw is not None and (h, w) != tuple(self.in_hw):
       raise ValueError(f'MixVPR was built for {tuple(self.in_hw)} feature maps but got {(h, w)}: '
                        'its mixer width is H*W, so the image size must match the config.')
-    # NHWC -> [B, H*W, C] keeps the token order h * W + w; then [B, C, H*W] as torch's flatten(2).
-    x = x.astype(self.dtype).reshape(b, h * w, c).transpose(0, 2, 1)
+    # NHWC -> [B, H*W, C] keeps the token order h * W + w; then [B, C, H*W] as torch's flatten(2),
+    # as 2-D rows [B * C, H*W] for the mixers: with the 3-D stream XLA chose transposed layouts
+    # in the backward (docs/performance.md).
+    x = x.astype(self.dtype).reshape(b, h * w, c).transpose(0, 2, 1).reshape(b * c, h * w)
     for i in range(self.mix_depth):
       x = FeatureMixerLayer(mlp_ratio=self.mlp_ratio, dtype=self.dtype, name=f'mix_{i}')(x)
-    x = x.transpose(0, 2, 1).astype(self.dtype)
-    x = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=torch_linear_kernel_init, bias_init=torch_bias_init(c),
-                 name='channel_proj')(x)
-    x = x.transpose(0, 2, 1)
-    x = nn.Dense(self.out_rows, use_bias=self.row_proj_bias, dtype=self.dtype,
-                 param_dtype=jnp.float32, kernel_init=torch_linear_kernel_init,
-                 bias_init=torch_bias_init(h * w), name='row_proj')(x)
-    return l2_normalize(x.reshape(b, -1))
+    channel_kernel, channel_bias = DenseParams(
+        self.out_channels, kernel_init=torch_linear_kernel_init, bias_init=torch_bias_init(c),
+        name='channel_proj')(c)
+    row_kernel, row_bias = DenseParams(
+        self.out_rows, use_bias=self.row_proj_bias, kernel_init=torch_linear_kernel_init,
+        bias_init=torch_bias_init(h * w), name='row_proj')(h * w)
+    # channel_proj and row_proj are affine maps of different axes, so they commute: project the
+    # rows first (H*W -> out_rows) and the channels of a tensor H*W / out_rows times smaller,
+    # instead of the channels of the whole stream. The same function (float32 results differ
+    # by rounding only); the bias becomes channel_bias x sum_n row_kernel[n] + row_bias.
+    rows = jnp.dot(x, row_kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+    y = jnp.einsum('bcr,cd->bdr', rows.reshape(b, c, self.out_rows), channel_kernel)
+    bias = channel_bias[:, None] * jnp.sum(row_kernel, axis=0)[None, :]
+    if row_bias is not None:
+      bias = bias + row_bias[None, :]
+    return l2_normalize((y + bias).reshape(b, -1))
 
 
 def aggregator_name(model_config) -> str:
