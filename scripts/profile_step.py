@@ -36,18 +36,31 @@ import jax
 import numpy as np
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# torch operator (self time) -> kind; anything else is 'other'.
+# Kinds both sides are split into. torch operators (self time) by name fragment; anything else
+# is 'other'. The optimiser's operators are AdamW's (foreach=False on the CPU: one per tensor).
 _TORCH_KINDS = (('convolution_backward', 'convolution backward'),
                 ('mkldnn_convolution', 'convolution forward'),
                 ('_convolution', 'convolution forward'), ('conv2d', 'convolution forward'),
                 ('aten::mm', 'matmul'), ('aten::addmm', 'matmul'), ('aten::bmm', 'matmul'),
-                ('_foreach', 'optimizer'), ('adamw', 'optimizer'))
+                ('batch_norm', 'BatchNorm, ReLU (backbone)'),
+                ('threshold_backward', 'BatchNorm, ReLU (backbone)'),
+                ('layer_norm', 'LayerNorm'),
+                ('addcdiv', 'optimizer'), ('addcmul', 'optimizer'), ('lerp', 'optimizer'),
+                ('_foreach', 'optimizer'), ('aten::sqrt', 'optimizer'))
+_BACKBONE_PARTS = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'backbone (other)')
 
 
-def _jax_kind(kind: str, direction: str) -> str:
+def _jax_kind(kind: str, part: str, direction: str) -> str:
+  """The kind of a vpr_jax operation (see _TORCH_KINDS) from its HLO kind and model part."""
   if kind == 'convolution':
     return f'convolution {direction}'
-  return 'matmul' if kind == 'matmul' else 'other'
+  if kind == 'matmul':
+    return 'matmul'
+  if part in _BACKBONE_PARTS:
+    return 'BatchNorm, ReLU (backbone)'
+  if part == 'optimizer':
+    return 'optimizer'
+  return 'LayerNorm' if part == 'aggregator' else 'other'
 
 
 def profile_vpr_jax(config, steps: int, seed: int = 0) -> dict:
@@ -82,7 +95,7 @@ def profile_vpr_jax(config, steps: int, seed: int = 0) -> dict:
           continue
         kind, part, direction = table[stats['hlo_op']]
         seconds = event.duration_ns / 1e9 / steps
-        by_kind[_jax_kind(kind, direction)] += seconds
+        by_kind[_jax_kind(kind, part, direction)] += seconds
         by_part[f'{part} {direction}'] += seconds
   return {'seconds_per_step': wall / steps, 'by_kind': dict(by_kind), 'by_part': dict(by_part)}
 
@@ -109,7 +122,7 @@ def profile_torch(config, variant: str, steps: int, seed: int = 0) -> dict:
   if step.channels_last:
     images = [x.contiguous(memory_format=torch.channels_last) for x in images]
   labels = torch.arange(p).repeat_interleave(k)
-  for i in range(2):
+  for i in range(3):  # Warm-up (oneDNN picks its kernels in the first steps).
     step(images[i % 2], labels)
   by_kind = collections.Counter()
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:

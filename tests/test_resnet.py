@@ -1,5 +1,7 @@
 """ResNet backbone: parity with torchvision (eval and train mode), crop, freeze, init."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -346,3 +348,63 @@ def test_batch_norm_one_pass_statistics_of_bfloat16_inputs():
   values = np.asarray(x.astype(jnp.float32), np.float64).reshape(-1, 6)
   np.testing.assert_allclose(updates['batch_stats']['mean'], values.mean(0), rtol=1e-6)
   np.testing.assert_allclose(updates['batch_stats']['var'], values.var(0, ddof=1), rtol=2e-4)
+
+
+def _bottleneck(x, variables, **kwargs):
+  """Output, updated running statistics and gradients (params, input) of a train-mode
+  stride-1 Bottleneck with a widening downsample (both fold points)."""
+  block = resnet.Bottleneck(features=8, downsample=True, **kwargs)
+
+  def loss(params, x):
+    out, updates = block.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                               True, mutable=['batch_stats'])
+    weights = jnp.cos(jnp.arange(out.size, dtype=out.dtype).reshape(out.shape))
+    return jnp.sum(out * weights), (out, updates['batch_stats'])
+
+  (_, (out, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      variables['params'], x)
+  return out, stats, grads
+
+
+def test_bottleneck_batch_norm_folded_into_widening_convs():
+  """conv3 -> bn3 and the stride-1 downsample folded into one convolution each (statistics from
+  the conv input): in float64 the same output, running statistics and gradients as conv then
+  BatchNorm, to float64 rounding; the default folds bf16 only."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(3), (6, 5, 5, 16), jnp.float64) + 0.5
+    block = resnet.Bottleneck(features=8, downsample=True, dtype=jnp.float64)
+    variables = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                             random_variables(block, x, False))
+    folded = _bottleneck(x, variables, dtype=jnp.float64, fold_batch_norm=True)
+    plain = _bottleneck(x, variables, dtype=jnp.float64, fold_batch_norm=False)
+    for ours, theirs in zip(jax.tree.leaves(folded), jax.tree.leaves(plain)):
+      np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
+    # out, 4 x 2 running statistics, 12 parameter gradients and the input gradient.
+    assert len(jax.tree.leaves(folded)) == 1 + 8 + 12 + 1
+  x32 = np.asarray(x, np.float32)
+  variables32 = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
+  default, unfolded = (_bottleneck(x32, variables32, fold_batch_norm=flag)[0]
+                       for flag in (None, False))
+  np.testing.assert_array_equal(default, unfolded)  # float32: not folded.
+  bf16 = _bottleneck(x32.astype(jnp.bfloat16), variables32, dtype=jnp.bfloat16)
+  assert relative_error(bf16[0], plain[0]) < 0.03
+  for ours, theirs in zip(jax.tree.leaves(bf16[1]), jax.tree.leaves(plain[1])):
+    assert relative_error(ours, theirs) < 0.02
+
+
+def test_bfloat16_resnet50_folds_the_widening_batch_norms(monkeypatch):
+  """Train mode in bf16: conv3 of every block and layer1's downsample (3 + 4 + 6 + 1 = 14 in a
+  ResNet-50 cropped after layer3) take their statistics from the conv input; float32 and eval
+  mode none."""
+  calls = []
+  original = resnet.conv1x1_output_moments
+  monkeypatch.setattr(resnet, 'conv1x1_output_moments',
+                      lambda *args: calls.append(args[0].shape) or original(*args))
+  x = jnp.ones((2, 32, 32, 3))
+  for dtype, train, expected in ((jnp.bfloat16, True, 14), (jnp.float32, True, 0),
+                                 (jnp.bfloat16, False, 0)):
+    model = resnet.ResNet(depth=50, layers_to_crop=(4,), layers_to_freeze=2, dtype=dtype)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    calls.clear()
+    jax.eval_shape(lambda v: model.apply(v, x, train=train, mutable=['batch_stats']), variables)
+    assert len(calls) == expected

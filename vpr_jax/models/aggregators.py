@@ -242,7 +242,9 @@ class MixVPR(nn.Module):
     # rows first (H*W -> out_rows) and the channels of a tensor H*W / out_rows times smaller,
     # instead of the channels of the whole stream. The same function (float32 results differ
     # by rounding only); the bias becomes channel_bias x sum_n row_kernel[n] + row_bias.
-    rows = jnp.dot(x, row_kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+    # In the compute dtype, as the other Linear layers (a float32 result would make the
+    # gradient of the whole [B * C, H*W] stream float32); the small channel product in float32.
+    rows = jnp.dot(x, row_kernel.astype(self.dtype)).astype(jnp.float32)
     y = jnp.einsum('bcr,cd->bdr', rows.reshape(b, c, self.out_rows), channel_kernel)
     bias = channel_bias[:, None] * jnp.sum(row_kernel, axis=0)[None, :]
     if row_bias is not None:

@@ -93,6 +93,28 @@ def resnet_out_hw(image_size: Sequence[int], layers_to_crop: Sequence[int] = ())
   return h, w
 
 
+def conv1x1_output_moments(inputs: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
+  """Per-channel mean and mean square of conv1x1(inputs, kernel) over all axes but the first
+  and the last, computed from the inputs: mean(y) = mean(x) @ W and mean(y^2)_c =
+  sum_ij W_ic W_jc mean(x_i x_j), with the kernel in the conv's compute `dtype`.
+
+  For a stride-1 1x1 convolution with more output than input channels this reads the smaller
+  input once (a [C_in, C_in] Gram matrix) instead of the conv's output. The products of the
+  compute-dtype values are exact in float32, so the moments are those of the unrounded conv
+  output. Returns [2, G, C_out] for inputs [G, ..., C_in], as `BatchNorm` stacks its moments.
+  """
+  groups, channels = inputs.shape[0], inputs.shape[-1]
+  # float32 at least (float64 inputs keep float64).
+  stats_dtype = jnp.promote_types(dtype, jnp.float32)
+  rows = inputs.reshape(groups, -1, channels)
+  weights = kernel.reshape(channels, -1).astype(dtype).astype(stats_dtype)
+  mean_inputs = jnp.mean(rows.astype(stats_dtype), axis=1)
+  gram = jnp.einsum('gmi,gmj->gij', rows, rows, preferred_element_type=stats_dtype) / rows.shape[1]
+  mean = mean_inputs @ weights
+  mean_square = jnp.einsum('gij,jc,ic->gc', gram, weights, weights)
+  return jnp.stack([mean, mean_square])
+
+
 class BatchNorm(nn.Module):
   """BatchNorm2d with torchvision semantics over the N, H, W axes of NHWC inputs.
 
@@ -126,17 +148,32 @@ class BatchNorm(nn.Module):
   sync: bool = True
   groups: int = 1
 
-  def _batch_stats(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-channel mean and biased variance over all axes but the first and the last."""
+  def _batch_stats(self, x: Optional[jax.Array], conv_input=None) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance over all axes but the first and the last.
+
+    x: the grouped input [G, N / G, ..., C] (None when only conv_input is given).
+    conv_input: (grouped input, kernel) of the stride-1 1x1 conv that produces x: its moments
+      come from that input (`conv1x1_output_moments`) for bf16 / f16 values, or always when x
+      is None.
+    """
+    values = x if x is not None else conv_input[0]
+    synced = self.axis_name if self.sync else None
+    if conv_input is not None and (x is None or jnp.finfo(values.dtype).bits < 32):
+      moments = conv1x1_output_moments(*conv_input, values.dtype)
+    elif jnp.finfo(values.dtype).bits < 32:
+      xs, axes = x.astype(jnp.float32), tuple(range(1, x.ndim - 1))
+      moments = jnp.stack([jnp.mean(xs, axis=axes), jnp.mean(jnp.square(xs), axis=axes)])
+    else:
+      return self._two_pass_stats(x, synced)
+    if synced is not None:
+      moments = jax.lax.pmean(moments, synced)
+    mean, mean_square = moments[0], moments[1]
+    return mean, jnp.maximum(mean_square - jnp.square(mean), 0.0)
+
+  def _two_pass_stats(self, x: jax.Array, synced: Optional[str]) -> tuple[jax.Array, jax.Array]:
+    """Mean, then the variance around it (float32 / float64 inputs, as torch)."""
     xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     axes = tuple(range(1, x.ndim - 1))
-    synced = self.axis_name if self.sync else None
-    if jnp.finfo(x.dtype).bits < 32:
-      moments = jnp.stack([jnp.mean(xs, axis=axes), jnp.mean(jnp.square(xs), axis=axes)])
-      if synced is not None:
-        moments = jax.lax.pmean(moments, synced)
-      mean, mean_square = moments[0], moments[1]
-      return mean, jnp.maximum(mean_square - jnp.square(mean), 0.0)
     mean = jnp.mean(xs, axis=axes, keepdims=True)
     if synced is not None:
       mean = jax.lax.pmean(mean, synced)
@@ -145,11 +182,37 @@ class BatchNorm(nn.Module):
       var = jax.lax.pmean(var, synced)
     return jnp.squeeze(mean, axes), var
 
+  def _update_running_stats(self, running, mean, var, count) -> None:
+    """Moves the running statistics (mean, var variables) towards the batch's (torch's unbiased
+    running variance)."""
+    ra_mean, ra_var = running
+    if self.axis_name is not None and self.sync:
+      count = count * jax.lax.psum(1, self.axis_name)
+    # torch tracks the unbiased variance while normalising with the biased one.
+    unbiased = var * (count / jnp.maximum(count - 1, 1))
+    new_mean, new_var = jnp.mean(mean, axis=0), jnp.mean(unbiased, axis=0)
+    if self.axis_name is not None and not self.sync:
+      new_mean, new_var = jax.lax.pmean((new_mean, new_var), self.axis_name)
+    ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * new_mean
+    ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * new_var
+
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    features = x.shape[-1]
-    # Statistics in at least float32 (float64 inputs keep float64).
-    stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  def __call__(self, x: Optional[jax.Array], train: bool, conv_input=None):
+    """Normalises x [N, ..., C].
+
+    Args:
+      x: the input; None to get the normalisation itself (see below).
+      train: batch statistics (and running-statistics updates) when True.
+      conv_input: optional (input [N, ..., C_in], kernel [1, 1, C_in, C]) of the stride-1 1x1
+        convolution that produces x: with a bf16 / f16 x (or x None) the batch statistics come
+        from that input (`conv1x1_output_moments`), the same statistics without reading x.
+
+    Returns:
+      The normalised x in `dtype`; with x None, (multiplier [G, C], shift [G, C]) such that
+      the BatchNorm of the conv's output is conv(input) * multiplier + shift (G groups).
+    """
+    values = x if x is not None else conv_input[0]
+    features = x.shape[-1] if x is not None else conv_input[1].shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
@@ -157,32 +220,32 @@ class BatchNorm(nn.Module):
     # Groups matter only for batch statistics (initialisation runs on a batch of one).
     per_device = not self.sync and train and not self.use_running_stats_in_train
     groups = self.groups if per_device and not self.is_initializing() else 1
-    if x.shape[0] % groups:
-      raise ValueError(f'A batch of {x.shape[0]} does not split into {groups} BatchNorm groups.')
+    if values.shape[0] % groups:
+      raise ValueError(f'A batch of {values.shape[0]} does not split into {groups} BatchNorm '
+                       'groups.')
     # [G, N / G, ...]: statistics per group (G = 1: the whole batch).
-    grouped = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+    split = lambda a: a.reshape((groups, a.shape[0] // groups) + a.shape[1:])
+    grouped = split(x) if x is not None else None
 
     if train and not self.use_running_stats_in_train:
-      mean, var = self._batch_stats(grouped)
+      if conv_input is not None:
+        conv_input = (split(conv_input[0]), conv_input[1])
+      mean, var = self._batch_stats(grouped, conv_input)
       if not self.is_initializing():
-        count = grouped[0].size // features
-        if self.axis_name is not None and self.sync:
-          count = count * jax.lax.psum(1, self.axis_name)
-        # torch tracks the unbiased variance while normalising with the biased one.
-        unbiased = var * (count / jnp.maximum(count - 1, 1))
-        new_mean, new_var = jnp.mean(mean, axis=0), jnp.mean(unbiased, axis=0)
-        if self.axis_name is not None and not self.sync:
-          new_mean, new_var = jax.lax.pmean((new_mean, new_var), self.axis_name)
-        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * new_mean
-        ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * new_var
+        # Positions per group: a stride-1 1x1 conv keeps its input's.
+        self._update_running_stats((ra_mean, ra_var), mean, var,
+                                   split(values)[0].size // values.shape[-1])
     else:
       mean, var = ra_mean.value[None], ra_var.value[None]
 
     # One per-channel multiply-add (folded in float32) instead of four elementwise passes.
     multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
     shift = bias - mean * multiplier
+    if x is None:
+      return multiplier, shift
     expand = lambda v: v.reshape((v.shape[0],) + (1,) * (x.ndim - 1) + (features,))
-    y = grouped.astype(stats_dtype) * expand(multiplier) + expand(shift)
+    # In at least float32 (float64 inputs keep float64).
+    y = grouped.astype(jnp.promote_types(x.dtype, jnp.float32)) * expand(multiplier) + expand(shift)
     return y.reshape(x.shape).astype(self.dtype)
 
 
@@ -225,8 +288,29 @@ class BasicBlock(nn.Module):
     return nn.relu(y + shortcut)
 
 
+class ConvKernel(nn.Module):
+  """The kernel of a bias-free nn.Conv ('kernel' [kh, kw, C_in, C_out], the same init)."""
+  features: int
+  kernel_size: int = 1
+
+  @nn.compact
+  def __call__(self, in_features: int) -> jax.Array:
+    shape = (self.kernel_size, self.kernel_size, in_features, self.features)
+    return self.param('kernel', conv_kernel_init, shape, jnp.float32)
+
+
 class Bottleneck(nn.Module):
-  """torchvision Bottleneck (v1.5): 1x1 -> 3x3 (stride) -> 1x1 (x4), 1x1 downsample shortcut."""
+  """torchvision Bottleneck (v1.5): 1x1 -> 3x3 (stride) -> 1x1 (x4), 1x1 downsample shortcut.
+
+  fold_batch_norm: in train mode with batch statistics, the BatchNorms after the stride-1 1x1
+  convolutions that widen (conv3; layer1's downsample) are folded into them: statistics from
+  the convolution's input (a [C_in, C_in] Gram matrix, `conv1x1_output_moments`), then one
+  convolution with the kernel scaled per output channel, plus the shift. The same function and
+  gradient; the 4x wider output is never normalised in a pass of its own (nor read for its
+  statistics, nor for their gradient). None (default): for bf16 / f16 compute only (float32
+  keeps torch's order of operations); with per-device statistics under jit (bn_groups > 1)
+  never.
+  """
   features: int
   stride: int = 1
   downsample: bool = False
@@ -235,6 +319,26 @@ class Bottleneck(nn.Module):
   bn_axis_name: Optional[str] = None
   bn_sync: bool = True
   bn_groups: int = 1
+  fold_batch_norm: Optional[bool] = None
+
+  def _folds(self, inputs: jax.Array, features: int, stride: int, train: bool) -> bool:
+    """Whether conv (1x1, stride) -> BatchNorm is folded here (see the class docstring)."""
+    wanted = (jnp.finfo(self.dtype).bits < 32 if self.fold_batch_norm is None
+              else self.fold_batch_norm)
+    return (wanted and train and not self.frozen_bn and stride == 1
+            and inputs.shape[-1] < features and (self.bn_sync or self.bn_groups == 1))
+
+  def _conv1x1_bn(self, inputs, features, stride, train, conv_name, bn_name):
+    """BatchNorm(conv1x1(inputs)), folded into one convolution where `_folds`."""
+    batch_norm = _block_batch_norm(self, bn_name)
+    if not self._folds(inputs, features, stride, train):
+      return batch_norm(_conv(features, 1, stride, 0, self.dtype, conv_name)(inputs), train)
+    kernel = ConvKernel(features, name=conv_name)(inputs.shape[-1])
+    multiplier, shift = batch_norm(None, train, conv_input=(inputs, kernel))
+    y = jax.lax.conv_general_dilated(
+        inputs.astype(self.dtype), (kernel * multiplier[0]).astype(self.dtype), (1, 1),
+        'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + shift[0].astype(self.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -244,12 +348,11 @@ class Bottleneck(nn.Module):
     y = nn.relu(bn('bn1')(y, train))
     y = _conv(self.features, 3, self.stride, 1, self.dtype, 'conv2')(y)
     y = nn.relu(bn('bn2')(y, train))
-    y = _conv(out_features, 1, 1, 0, self.dtype, 'conv3')(y)
-    y = bn('bn3')(y, train)
+    y = self._conv1x1_bn(y, out_features, 1, train, 'conv3', 'bn3')
     shortcut = x
     if self.downsample:
-      shortcut = _conv(out_features, 1, self.stride, 0, self.dtype, 'downsample_conv')(x)
-      shortcut = bn('downsample_bn')(shortcut, train)
+      shortcut = self._conv1x1_bn(x, out_features, self.stride, train, 'downsample_conv',
+                                  'downsample_bn')
     return nn.relu(y + shortcut)
 
 
