@@ -408,3 +408,21 @@ def test_bfloat16_resnet50_folds_the_widening_batch_norms(monkeypatch):
     calls.clear()
     jax.eval_shape(lambda v: model.apply(v, x, train=train, mutable=['batch_stats']), variables)
     assert len(calls) == expected
+
+
+def test_folded_batch_norm_under_pmap_uses_the_global_batch():
+  """The folded BatchNorm of 8 devices under pmap (moments averaged over the devices) gives the
+  one-device, unfolded result of the whole batch and the same running statistics."""
+  x = np.asarray(jax.random.normal(jax.random.key(4), (16, 5, 5, 16)) + 0.5, np.float32)
+  plain = resnet.Bottleneck(features=8, downsample=True, fold_batch_norm=False)
+  variables = random_variables(plain, x[:1], False)
+  expected, expected_stats = plain.apply(variables, x, True, mutable=['batch_stats'])
+  folded = resnet.Bottleneck(features=8, downsample=True, fold_batch_norm=True,
+                             bn_axis_name='devices')
+  run = jax.pmap(lambda v, x: folded.apply(v, x, True, mutable=['batch_stats']),
+                 axis_name='devices', in_axes=(None, 0))
+  out, stats = run(variables, x.reshape((8, 2) + x.shape[1:]))
+  np.testing.assert_allclose(np.asarray(out).reshape(x.shape[:-1] + (32,)), expected,
+                             rtol=1e-4, atol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+               jax.tree.map(lambda a: a[0], stats), expected_stats)
