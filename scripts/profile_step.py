@@ -63,7 +63,7 @@ def _jax_kind(kind: str, part: str, direction: str) -> str:
   return 'LayerNorm' if part == 'aggregator' else 'other'
 
 
-def profile_vpr_jax(config, steps: int, seed: int = 0) -> dict:
+def profile_vpr_jax(config, steps: int, warmup: int = 2, seed: int = 0) -> dict:
   """Seconds per step of vpr_jax's step, by kind and by model part (forward / backward)."""
   programs = bench_train_common.step_programs(config, jax.devices()[:1])
   state = bench_train_common.initial_state(config, programs, seed)
@@ -73,7 +73,7 @@ def profile_vpr_jax(config, steps: int, seed: int = 0) -> dict:
   step_rng = jax.random.PRNGKey(seed + 1)
   compiled = programs.train_step.lower(state, batches[0], step_rng).compile()
   table = hlo_bytes.instruction_table(compiled.as_text())
-  for i in range(2):  # Warm-up.
+  for i in range(warmup):
     state, metrics = compiled(state, batches[i % 2], step_rng)
   bench_common.block((state, metrics))
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -108,7 +108,7 @@ def _torch_kind(name: str) -> str:
   return 'other'
 
 
-def profile_torch(config, variant: str, steps: int, seed: int = 0) -> dict:
+def profile_torch(config, variant: str, steps: int, warmup: int = 2, seed: int = 0) -> dict:
   """Seconds per step of the PyTorch reference step, by kind (operators' self CPU time)."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
@@ -122,7 +122,7 @@ def profile_torch(config, variant: str, steps: int, seed: int = 0) -> dict:
   if step.channels_last:
     images = [x.contiguous(memory_format=torch.channels_last) for x in images]
   labels = torch.arange(p).repeat_interleave(k)
-  for i in range(3):  # Warm-up (oneDNN picks its kernels in the first steps).
+  for i in range(warmup):  # oneDNN picks its kernels in the first steps.
     step(images[i % 2], labels)
   by_kind = collections.Counter()
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
@@ -158,7 +158,8 @@ def parse_args(argv=None):
   parser.add_argument('--images_per_place', type=int, default=4)
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--reference', default='channels_last', choices=('eager', 'channels_last'))
-  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps of each')
+  parser.add_argument('--steps', type=int, default=3, help='traced steps of each')
   parser.add_argument('--output', default='')
   return parser.parse_args(argv)
 
@@ -168,8 +169,8 @@ def main(argv=None) -> dict:
   results = {'env': bench_common.environment(), 'args': vars(args), 'rows': []}
   for path in args.configs.split(','):
     config = bench_train_common.bench_config(path, args)
-    ours = profile_vpr_jax(config, args.steps)
-    reference = profile_torch(config, args.reference, args.steps)
+    ours = profile_vpr_jax(config, args.steps, args.warmup)
+    reference = profile_torch(config, args.reference, args.steps, args.warmup)
     print(format_table(bench_train_common.config_name(path), ours, reference), flush=True)
     results['rows'].append({'config': path, 'vpr_jax': ours, 'reference': reference})
   if args.output:
