@@ -2,9 +2,13 @@ r"""Compiles the real train step (and the eval forward) for a GPU or TPU without
 
 XLA compiles for a GPU target on a CPU-only machine from a device description, and for a TPU
 slice from libtpu's topology; nothing runs. For each config and target this script compiles the
-very step the training loop runs (`training.programs.get_programs`: jit over a mesh of the
-target's devices, the state replicated and donated, the batch sharded over 'batch') and the
-evaluation forward (`evaluation.descriptors.make_embed_fn`), and reports:
+very step the training loop runs (`training.programs.get_programs`; `--parallel jit`: jit over a
+mesh of the target's devices, the state replicated and donated, the batch sharded over 'batch';
+`--parallel pmap`: `jax.pmap` over the same devices, the state stacked to [devices, ...] and the
+batch reshaped to [devices, N / devices, ...] as `DataParallel` places them; jax's pmap is jit of
+shard_map, so it lowers for compile-only devices too) and the evaluation forward
+(`evaluation.descriptors.make_embed_fn`, the same jit in both modes: compiled once), and
+reports:
   - compile time and device memory (arguments, outputs, donated, temporaries: XLA's
     memory_analysis of the target program);
   - FLOPs: XLA's cost analysis of the same step lowered for the CPU client (the GPU compile-only
@@ -22,6 +26,8 @@ Needs its own virtual environment (never the project's default install):
 
   ~/vpr_jax_aot/bin/python scripts/aot_compile.py --configs mixvpr,mixvpr_r50 \
       --targets h100 --devices 1,8 --output aot.json
+  ~/vpr_jax_aot/bin/python scripts/aot_compile.py --configs mixvpr,mixvpr_r50 \
+      --targets h100 --devices 8 --parallel jit,pmap --no_eval   # pmap against jit
   ~/vpr_jax_aot/bin/python scripts/aot_compile.py --targets cpu --configs mixvpr \
       --places_per_batch 8                 # the same breakdown of the CPU program
 
