@@ -2,9 +2,13 @@ r"""Compiles the real train step (and the eval forward) for a GPU or TPU without
 
 XLA compiles for a GPU target on a CPU-only machine from a device description, and for a TPU
 slice from libtpu's topology; nothing runs. For each config and target this script compiles the
-very step the training loop runs (`training.programs.get_programs`: jit over a mesh of the
-target's devices, the state replicated and donated, the batch sharded over 'batch') and the
-evaluation forward (`evaluation.descriptors.make_embed_fn`), and reports:
+very step the training loop runs (`training.programs.get_programs`; `--parallel jit`: jit over a
+mesh of the target's devices, the state replicated and donated, the batch sharded over 'batch';
+`--parallel pmap`: `jax.pmap` over the same devices, the state stacked to [devices, ...] and the
+batch reshaped to [devices, N / devices, ...] as `DataParallel` places them; jax's pmap is jit of
+shard_map, so it lowers for compile-only devices too) and the evaluation forward
+(`evaluation.descriptors.make_embed_fn`, the same jit in both modes: compiled once), and
+reports:
   - compile time and device memory (arguments, outputs, donated, temporaries: XLA's
     memory_analysis of the target program);
   - FLOPs: XLA's cost analysis of the same step lowered for the CPU client (the GPU compile-only
@@ -22,6 +26,8 @@ Needs its own virtual environment (never the project's default install):
 
   ~/vpr_jax_aot/bin/python scripts/aot_compile.py --configs mixvpr,mixvpr_r50 \
       --targets h100 --devices 1,8 --output aot.json
+  ~/vpr_jax_aot/bin/python scripts/aot_compile.py --configs mixvpr,mixvpr_r50 \
+      --targets h100 --devices 8 --parallel jit,pmap --no_eval   # pmap against jit
   ~/vpr_jax_aot/bin/python scripts/aot_compile.py --targets cpu --configs mixvpr \
       --places_per_batch 8                 # the same breakdown of the CPU program
 
@@ -61,6 +67,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vpr_jax import parallel
 from vpr_jax.cli import common
 from vpr_jax.evaluation import descriptors
 from vpr_jax.training import programs as programs_lib
@@ -73,7 +80,7 @@ ALL_CONFIGS = ('avg', 'gem', 'convap', 'mixvpr', 'mixvpr_r50', 'mixvpr_contrasti
 _STEPS_PER_EPOCH = 1000
 
 
-def load_config(name: str, args):
+def load_config(name: str, args, parallel_mode: str = 'jit'):
   """A packaged config (or a config file) with the command line's overrides."""
   path = common.resolve_config_path(name)
   spec = importlib.util.spec_from_file_location(f'aot_config_{name}', path)
@@ -82,7 +89,7 @@ def load_config(name: str, args):
   config = module.get_config()
   config.model.dtype = args.dtype
   config.data.augment = args.augment
-  config.parallel = 'jit'
+  config.parallel = parallel_mode
   if args.places_per_batch:
     config.data.places_per_batch = args.places_per_batch
   if args.image_size:
@@ -98,15 +105,44 @@ def load_config(name: str, args):
   return config
 
 
-def _abstract(tree, sharding):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def _abstract(tree, sharding, leading: tuple = ()):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(leading + tuple(x.shape), x.dtype, sharding=sharding), tree)
 
 
-def lower_programs(config, devices, weak_scaling: bool):
+def abstract_train_inputs(programs, state_shapes, images: int, image_size) -> tuple:
+  """Abstract (state, batch, rng) of the train step, placed as `programs.dp` places them.
+
+  jit: the state replicated over the mesh, the batch [N, ...] sharded over 'batch'. pmap (as
+  `DataParallel.replicate` / `shard_batch`): every state leaf stacked to [devices, ...] and the
+  batch reshaped to [devices, N / devices, ...], both sharded along that leading axis; the rng is
+  broadcast (in_axes None).
+  """
+  dp = programs.dp
+  sharded = NamedSharding(dp.mesh, PartitionSpec(parallel.BATCH_AXIS))
+  h, w = (int(s) for s in image_size)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  if dp.mode == 'jit':
+    replicated = NamedSharding(dp.mesh, PartitionSpec())
+    state = _abstract(state_shapes, replicated)
+    lead, rng = (images,), jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+  else:
+    d = dp.num_local_devices
+    state = _abstract(state_shapes, sharded, leading=(d,))
+    lead = (d, images // d)
+  batch = {'images': jax.ShapeDtypeStruct(lead + (h, w, 3), jnp.uint8, sharding=sharded),
+           'labels': jax.ShapeDtypeStruct(lead, jnp.int32, sharding=sharded)}
+  return state, batch, rng
+
+
+def lower_programs(config, devices, weak_scaling: bool, with_eval: bool = True):
   """The train step and the eval forward of `config`, lowered for abstract inputs on `devices`.
 
+  The train step is `get_programs(config).train_step` for `config.parallel` ('jit' or 'pmap');
+  the eval forward is the same jit over the mesh in both modes (`descriptors.make_embed_fn`).
+
   Returns:
-    (lowered train step, lowered eval forward, global batch, eval batch).
+    (lowered train step, lowered eval forward or None, global batch, eval batch).
   """
   config = config.copy_and_resolve_references()
   if weak_scaling and len(devices) > 1:
@@ -114,28 +150,27 @@ def lower_programs(config, devices, weak_scaling: bool):
   # Program caches are keyed by device ids, which repeat across targets.
   programs_lib.clear_program_cache()
   programs = programs_lib.get_programs(config, _STEPS_PER_EPOCH, devices=list(devices))
-  mesh = programs.dp.mesh
-  replicated = NamedSharding(mesh, PartitionSpec())
-  sharded = NamedSharding(mesh, PartitionSpec('batch'))
 
   def initial_state():
     variables = programs.init(jax.random.PRNGKey(0))
     return train_state.create_train_state(config, programs.model, None, tx=programs.tx,
                                           variables=variables)
 
-  state = _abstract(jax.eval_shape(initial_state), replicated)
+  state_shapes = jax.eval_shape(initial_state)
   n = int(config.data.places_per_batch) * int(config.data.images_per_place)
-  h, w = (int(s) for s in config.image_size)
-  batch = {'images': jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8, sharding=sharded),
-           'labels': jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharded)}
-  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+  state, batch, rng = abstract_train_inputs(programs, state_shapes, n, config.image_size)
   train = programs.train_step.lower(state, batch, rng)
 
   eval_batch = int(config.data.eval_batch_size) * (len(devices) if weak_scaling else 1)
+  if not with_eval:
+    return train, None, n, eval_batch
+  mesh = programs.dp.mesh
   eh, ew = (int(s) for s in programs.eval_model.image_size)
   embed = descriptors.make_embed_fn(programs.eval_model, mesh)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  images = jax.ShapeDtypeStruct((eval_batch, eh, ew, 3), jnp.uint8, sharding=sharded)
+  variables = _abstract({'params': state_shapes.params, 'batch_stats': state_shapes.batch_stats},
+                        NamedSharding(mesh, PartitionSpec()))
+  images = jax.ShapeDtypeStruct((eval_batch, eh, ew, 3), jnp.uint8,
+                                sharding=NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXIS)))
   forward = embed.lower(variables, images)
   return train, forward, n, eval_batch
 
@@ -164,15 +199,20 @@ def lowered_flops_and_bytes(compiled) -> dict:
   return {'flops': cost.get('flops'), 'bytes_accessed': cost.get('bytes accessed')}
 
 
-def cpu_flops(config, num_devices: int, weak_scaling: bool) -> tuple[float, float]:
-  """FLOPs of the whole global train step and eval forward, counted on one CPU device."""
+def cpu_flops(config, num_devices: int, weak_scaling: bool,
+              with_eval: bool) -> tuple[float, float | None]:
+  """FLOPs of the whole global train step and eval forward, counted on one CPU device.
+
+  The program of `config.parallel` on one device: the lowered (unpartitioned) jit program of
+  several devices also counts the global batch, but a pmap program counts one device's.
+  """
   cpu = jax.devices('cpu')[:1]
   config = config.copy_and_resolve_references()
   if weak_scaling and num_devices > 1:
     config.data.places_per_batch = int(config.data.places_per_batch) * num_devices
     config.data.eval_batch_size = int(config.data.eval_batch_size) * num_devices
-  train, forward, _, _ = lower_programs(config, cpu, weak_scaling=False)
-  return lowered_flops(train), lowered_flops(forward)
+  train, forward, _, _ = lower_programs(config, cpu, weak_scaling=False, with_eval=with_eval)
+  return lowered_flops(train), (lowered_flops(forward) if forward is not None else None)
 
 
 def memory(compiled) -> dict:
@@ -211,19 +251,23 @@ def analyse(lowered, target: aot_targets.Target, images: int, num_devices: int,
   return result
 
 
-def run_one(config_name: str, target: aot_targets.Target, num_devices: int, args) -> dict:
-  """Costs of the train step and eval forward of one config on one target and device count."""
-  config = load_config(config_name, args)
+def run_one(config_name: str, target: aot_targets.Target, num_devices: int, args,
+            parallel_mode: str = 'jit', with_eval: bool = True) -> dict:
+  """Costs of the train step (and eval forward) of one config, target, device count and mode."""
+  config = load_config(config_name, args, parallel_mode)
   devices = target.devices(num_devices)
   train_flops = eval_flops = None
-  if target.kind != 'cpu':
-    train_flops, eval_flops = cpu_flops(config, num_devices, not args.strong_scaling)
-  train, forward, images, eval_images = lower_programs(config, devices,
-                                                       not args.strong_scaling)
+  # One CPU device's count of the global step (only the CPU target's one-device program counts
+  # its own FLOPs: the GPU compile-only client has none, and a multi-device program's lowered
+  # count is the global batch under jit but one device's under pmap).
+  if target.kind != 'cpu' or num_devices > 1:
+    train_flops, eval_flops = cpu_flops(config, num_devices, not args.strong_scaling, with_eval)
+  train, forward, images, eval_images = lower_programs(config, devices, not args.strong_scaling,
+                                                       with_eval)
   row = {'config': config_name, 'target': target.name, 'devices': num_devices,
-         'dtype': args.dtype, 'image_size': list(config.image_size),
+         'parallel': parallel_mode, 'dtype': args.dtype, 'image_size': list(config.image_size),
          'train': analyse(train, target, images, num_devices, train_flops)}
-  if not args.no_eval:
+  if forward is not None:
     row['eval'] = analyse(forward, target, eval_images, num_devices, eval_flops)
   return row
 
@@ -234,10 +278,10 @@ def _gb(x: float) -> str:
 
 def format_table(rows: list[dict]) -> str:
   """The summary table (one line per config, target, device count and program)."""
-  head = ('| config | target | dev | program | batch | compile s | memory GiB (arg/out/temp) | '
+  head = ('| config | target | dev | parallel | program | batch | compile s | memory GiB (arg/out/temp) | '
           'GFLOP/img | HBM GB/step/dev (fusion/conv/matmul/other) | collectives (n, MB) | '
           'bound img/s (FLOP/bytes) |')
-  lines = [head, '|' + '---|' * 11]
+  lines = [head, '|' + '---|' * 12]
   for row in rows:
     for program in ('train', 'eval'):
       if program not in row:
@@ -250,7 +294,8 @@ def format_table(rows: list[dict]) -> str:
       mb_coll = sum(c['bytes'] for c in coll.values()) / 1e6
       gib = lambda x: f'{x / 2**30:.2f}'
       lines.append(
-          f"| {row['config']} | {row['target']} | {row['devices']} | {program} | {r['images']} | "
+          f"| {row['config']} | {row['target']} | {row['devices']} | {row['parallel']} | "
+          f"{program} | {r['images']} | "
           f"{r['compile_seconds']:.0f} | {gib(m['total_bytes'])} ({gib(m['argument_bytes'])}/"
           f"{gib(m['output_bytes'])}/{gib(m['temp_bytes'])}) | "
           f"{r.get('gflop_per_image', float('nan')):.2f} | {_gb(h['total_bytes'])} "
@@ -268,7 +313,8 @@ def format_parts(rows: list[dict]) -> str:
     parts = row['train']['hbm']['by_part']
     cells = ', '.join(f'{name} {_gb(v["forward"])}/{_gb(v["backward"])}'
                       for name, v in sorted(parts.items(), key=lambda kv: -kv[1]['total']))
-    lines.append(f"{row['config']} {row['target']} x{row['devices']} train, GB fwd/bwd: {cells}")
+    lines.append(f"{row['config']} {row['target']} x{row['devices']} {row['parallel']} train, "
+                 f"GB fwd/bwd: {cells}")
     coll = row['train']['hbm']['collectives']
     if coll:
       lines.append('  collectives: ' + ', '.join(
@@ -305,6 +351,9 @@ def parse_args(argv=None):
   parser.add_argument('--set', action='append', help='config override KEY=JSON, repeatable')
   parser.add_argument('--strong_scaling', action='store_true',
                       help='split the recipe\'s batch over the devices (default: P grows)')
+  parser.add_argument('--parallel', default='jit',
+                      help='comma-separated data-parallel modes of the train step: jit, pmap '
+                      '(the eval forward is the same jit in both: compiled once)')
   parser.add_argument('--no_eval', action='store_true', help='skip the eval forward')
   parser.add_argument('--output', default='', help='JSON file for every figure')
   return parser.parse_args(argv)
@@ -317,17 +366,25 @@ def main(argv=None) -> dict:
   missing = [t for t in targets if t.missing()]
   for target in missing:
     print(f'aot_compile: target {target.name} skipped: {target.missing()}')
+  modes = tuple(args.parallel.split(','))
+  unknown = [mode for mode in modes if mode not in parallel.PARALLEL_MODES]
+  if unknown:
+    raise aot_targets.TargetError(f'--parallel {",".join(unknown)}: unknown mode; valid: '
+                                  f'{", ".join(parallel.PARALLEL_MODES)}')
   rows = []
   for target in targets:
     if target in missing:
       continue
     for num_devices in (int(d) for d in args.devices.split(',')):
       for name in names:
-        start = time.perf_counter()
-        row = run_one(name, target, num_devices, args)
-        print(f'aot_compile: {name} on {target.name} x{num_devices}: '
-              f'{time.perf_counter() - start:.0f} s', flush=True)
-        rows.append(row)
+        for mode in modes:
+          start = time.perf_counter()
+          # The eval forward does not depend on the mode: compiled with the first one only.
+          row = run_one(name, target, num_devices, args, mode,
+                        with_eval=not args.no_eval and mode == modes[0])
+          print(f'aot_compile: {name} on {target.name} x{num_devices} {mode}: '
+                f'{time.perf_counter() - start:.0f} s', flush=True)
+          rows.append(row)
   result = {'environment': environment(), 'args': vars(args), 'rows': rows,
             'skipped_targets': {t.name: t.missing() for t in missing}}
   if rows:

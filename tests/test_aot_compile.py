@@ -69,6 +69,35 @@ def test_cpu_target_breaks_the_step_down(tmp_path):
   assert 'program | batch' in done.stdout and 'aggregator' in done.stdout
 
 
+def test_cpu_target_compiles_the_pmap_step(tmp_path):
+  """--parallel jit,pmap on 8 CPU devices: the pmap row is the per-device program of the same
+  step (state and batch of one device, the state donated, the same FLOPs), with its own
+  collectives: the gradient / BatchNorm all-reduces and the descriptor all-gather."""
+  done, result = _run(sys.executable, ['--targets', 'cpu', '--devices', '8', '--parallel',
+                                       'jit,pmap', '--no_eval', *_TINY], tmp_path)
+  assert done.returncode == 0, done.stderr[-2000:]
+  jit, pmap = result['rows']
+  assert (jit['parallel'], pmap['parallel']) == ('jit', 'pmap')
+  _check_row(pmap, 8)
+  collectives = pmap['train']['hbm']['collectives']
+  assert collectives['all-reduce']['count'] >= 1 and collectives['all-gather']['count'] >= 1
+  # Each device holds one copy of the state and its 8 images, as under jit (not the stacked
+  # [8, ...] state or the whole batch), and the state's buffers are reused for the new state.
+  assert pmap['train']['memory']['argument_bytes'] == jit['train']['memory']['argument_bytes']
+  assert pmap['train']['memory']['alias_bytes'] == jit['train']['memory']['alias_bytes'] > 0
+  assert pmap['train']['gflop_per_image'] == pytest.approx(jit['train']['gflop_per_image'],
+                                                           rel=0.01)
+  assert '| pmap | train |' in done.stdout
+
+
+def test_unknown_parallel_mode_is_one_line(tmp_path):
+  done, _ = _run(sys.executable, ['--targets', 'cpu', '--parallel', 'jit,vmap', *_TINY],
+                 tmp_path)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [
+      'aot_compile: --parallel vmap: unknown mode; valid: jit, pmap']
+
+
 def test_missing_plugin_is_one_line(tmp_path):
   if _has_cuda_plugin(sys.executable):
     pytest.skip('the CUDA plugin is installed here')
