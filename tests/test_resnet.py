@@ -361,7 +361,7 @@ def _bottleneck(x, variables, **kwargs):
     weights = jnp.cos(jnp.arange(out.size, dtype=out.dtype).reshape(out.shape))
     return jnp.sum(out * weights), (out, updates['batch_stats'])
 
-  (_, (out, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+  (_, (out, stats)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
       variables['params'], x)
   return out, stats, grads
 
@@ -369,7 +369,7 @@ def _bottleneck(x, variables, **kwargs):
 def test_bottleneck_batch_norm_folded_into_widening_convs():
   """conv3 -> bn3 and the stride-1 downsample folded into one convolution each (statistics from
   the conv input): in float64 the same output, running statistics and gradients as conv then
-  BatchNorm, to float64 rounding; the default folds bf16 only."""
+  BatchNorm, to float64 rounding; in bf16 (folded by default) within bf16 rounding of it."""
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(3), (6, 5, 5, 16), jnp.float64) + 0.5
     block = resnet.Bottleneck(features=8, downsample=True, dtype=jnp.float64)
@@ -383,9 +383,6 @@ def test_bottleneck_batch_norm_folded_into_widening_convs():
     assert len(jax.tree.leaves(folded)) == 1 + 8 + 12 + 1
   x32 = np.asarray(x, np.float32)
   variables32 = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
-  default, unfolded = (_bottleneck(x32, variables32, fold_batch_norm=flag)[0]
-                       for flag in (None, False))
-  np.testing.assert_array_equal(default, unfolded)  # float32: not folded.
   bf16 = _bottleneck(x32.astype(jnp.bfloat16), variables32, dtype=jnp.bfloat16)
   assert relative_error(bf16[0], plain[0]) < 0.03
   for ours, theirs in zip(jax.tree.leaves(bf16[1]), jax.tree.leaves(plain[1])):
