@@ -21,8 +21,8 @@ def test_tiny_profile_splits_both_steps(tmp_path, capsys):
   pytest.importorskip('torch', reason='the PyTorch reference step')
   pytest.importorskip('pytorch_metric_learning', reason='the PyTorch reference step')
   output = tmp_path / 'profile.json'
-  _load_script().main(['--image_size', '32', '--places_per_batch', '2',
-                       '--images_per_place', '2', '--warmup', '1', '--steps', '1', '--output', str(output)])
+  _load_script().main(['--image_size', '32', '--places_per_batch', '2', '--images_per_place',
+                       '2', '--warmup', '1', '--steps', '1', '--output', str(output)])
   row = json.loads(output.read_text())['rows'][0]
   ours, reference = row['vpr_jax'], row['reference']
   for kinds in (ours['by_kind'], reference['by_kind']):
