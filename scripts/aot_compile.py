@@ -279,8 +279,8 @@ def _gb(x: float) -> str:
 def format_table(rows: list[dict]) -> str:
   """The summary table (one line per config, target, device count and program)."""
   head = ('| config | target | dev | parallel | program | batch | compile s | '
-          'memory GiB (arg/out/temp) | GFLOP/img | HBM GB/step/dev (fusion/conv/matmul/other) | collectives (n, MB) | '
-          'bound img/s (FLOP/bytes) |')
+          'memory GiB (arg/out/temp) | GFLOP/img | HBM GB/step/dev (fusion/conv/matmul/other) | '
+          'collectives (n, MB) | bound img/s (FLOP/bytes) |')
   lines = [head, '|' + '---|' * 12]
   for row in rows:
     for program in ('train', 'eval'):
