@@ -67,6 +67,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vpr_jax import errors
 from vpr_jax import parallel
 from vpr_jax.cli import common
 from vpr_jax.evaluation import descriptors
@@ -95,14 +96,25 @@ def load_config(name: str, args, parallel_mode: str = 'jit'):
   if args.image_size:
     config.image_size = (args.image_size, args.image_size)
   for override in args.set or ():
-    key, value = override.split('=', 1)
-    node = config
-    *parents, leaf = key.split('.')
-    for part in parents:
-      node = node[part]
-    node[leaf] = type(node[leaf])(json.loads(value)) if node[leaf] is not None else json.loads(
-        value)
+    apply_override(config, override)
   return config
+
+
+def apply_override(config, override: str) -> None:
+  """Sets one `--set KEY=JSON` override; ConfigError in one line for a bad one."""
+  key, separator, value = override.partition('=')
+  if not separator:
+    raise errors.ConfigError(f'--set {override!r}: expected KEY=JSON, e.g. sync_batch_norm=false')
+  node, leaf = common.config_field(config, key, f'--set {key}')
+  try:
+    parsed = json.loads(value)
+  except json.JSONDecodeError:
+    raise errors.ConfigError(f'--set {key}: {value!r} is not JSON (strings need quotes: '
+                             f'\'"{value}"\')') from None
+  try:
+    node[leaf] = type(node[leaf])(parsed) if node[leaf] is not None else parsed
+  except (TypeError, ValueError) as error:
+    raise errors.ConfigError(f'--set {key}: {value} does not fit the field ({error})') from None
 
 
 def _abstract(tree, sharding, leading: tuple = ()):
@@ -400,8 +412,14 @@ def main(argv=None) -> dict:
 if __name__ == '__main__':
   try:
     outcome = main()
-  except aot_targets.TargetError as error:
+  except (aot_targets.TargetError, errors.UserError) as error:
     print(f'aot_compile: {error}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:
+    # The JSON is written (atomically) only after the last compile: nothing half-written.
+    print('aot_compile: interrupted; --output not written', file=sys.stderr, flush=True)
+    # Not sys.exit: tearing XLA's compilers down right after an interrupted compile can crash
+    # (SIGSEGV, seen on the CPU client), and nothing is left to flush or clean up.
+    os._exit(130)  # pylint: disable=protected-access
   # 3: nothing compiled because a target's plugin is missing (not a compile error).
   sys.exit(0 if outcome['rows'] or not outcome['skipped_targets'] else 3)

@@ -115,7 +115,7 @@ class ReferenceStep:
       torch.cuda.synchronize()
 
 
-def _random_batches(config, device, seed: int, channels_last: bool):
+def random_batches(config, device, seed: int, channels_last: bool):
   """Two uint8 NCHW batches of random images (alternated: nothing reused) and their labels."""
   import torch  # pylint: disable=g-import-not-at-top
   p, k = int(config.data.places_per_batch), int(config.data.images_per_place)
@@ -149,7 +149,7 @@ def bench_torch_step(config, variant: str, warmup: int, steps: int, seed: int = 
   torch.manual_seed(seed)
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   step = ReferenceStep(config, variant, device)
-  batches, labels = _random_batches(config, device, seed, step.channels_last)
+  batches, labels = random_batches(config, device, seed, step.channels_last)
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
   start = time.perf_counter()

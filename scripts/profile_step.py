@@ -15,7 +15,6 @@ independent thunks concurrently).
 
 import collections
 import glob
-import json
 import os
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import bench_train_reference
 import hlo_bytes
 import jax
 import numpy as np
+
+from vpr_jax import errors
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Kinds both sides are split into. torch operators (self time) by name fragment; anything else
@@ -114,14 +115,7 @@ def profile_torch(config, variant: str, steps: int, warmup: int = 2, seed: int =
   torch.manual_seed(seed)
   device = torch.device('cpu')
   step = bench_train_reference.ReferenceStep(config, variant, device)
-  p, k = int(config.data.places_per_batch), int(config.data.images_per_place)
-  h, w = (int(s) for s in config.image_size)
-  generator = torch.Generator().manual_seed(seed)
-  images = [torch.randint(0, 256, (p * k, 3, h, w), dtype=torch.uint8, generator=generator)
-            for _ in range(2)]
-  if step.channels_last:
-    images = [x.contiguous(memory_format=torch.channels_last) for x in images]
-  labels = torch.arange(p).repeat_interleave(k)
+  images, labels = bench_train_reference.random_batches(config, device, seed, step.channels_last)
   for i in range(warmup):  # oneDNN picks its kernels in the first steps.
     step(images[i % 2], labels)
   by_kind = collections.Counter()
@@ -179,4 +173,12 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-  main()
+  try:
+    main()
+  except (FileNotFoundError, errors.UserError) as error:
+    print(f'profile_step: {error}', file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    # --output is written (atomically) only at the end: nothing half-written.
+    print('profile_step: interrupted; --output not written', file=sys.stderr)
+    sys.exit(130)

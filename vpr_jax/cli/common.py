@@ -137,18 +137,30 @@ def check_config_overrides(argv: Sequence[str]) -> None:
     return  # absl reports a missing config itself
   config = runpy.run_path(path)['get_config']()
   for field in fields:
-    node, walked = config, []
-    for part in field.split('.'):
-      keys = list(node.keys()) if hasattr(node, 'keys') else []
-      if part not in keys:
-        where = '.'.join(walked) or 'the config'
-        close = difflib.get_close_matches(part, keys, n=3)
-        raise errors.ConfigError(
-            f'--config.{field}: {where} has no field {part!r}'
-            f'{" (did you mean " + " or ".join(close) + "?)" if close else ""}; its fields: '
-            f'{", ".join(sorted(keys))}.')
-      node = node[part]
-      walked.append(part)
+    config_field(config, field, f'--config.{field}')
+
+
+def config_field(config, field: str, label: str) -> tuple[Any, str]:
+  """(the node holding it, its last name) of a dotted config field such as 'optim.lr'.
+
+  Raises:
+    ConfigError: '<label>: <node> has no field <name> (did you mean ...)' when a part is absent.
+  """
+  node, walked = config, []
+  parts = field.split('.')
+  for position, part in enumerate(parts):
+    keys = list(node.keys()) if hasattr(node, 'keys') else []
+    if part not in keys:
+      where = '.'.join(walked) or 'the config'
+      close = difflib.get_close_matches(part, keys, n=3)
+      raise errors.ConfigError(
+          f'{label}: {where} has no field {part!r}'
+          f'{" (did you mean " + " or ".join(close) + "?)" if close else ""}; its fields: '
+          f'{", ".join(sorted(keys))}.')
+    if position == len(parts) - 1:
+      return node, part
+    node = node[part]
+    walked.append(part)
 
 
 def report_user_errors(fn: Callable[..., Any], *args, **kwargs) -> Any:

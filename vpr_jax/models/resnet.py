@@ -151,16 +151,14 @@ class BatchNorm(nn.Module):
   def _batch_stats(self, x: Optional[jax.Array], conv_input=None) -> tuple[jax.Array, jax.Array]:
     """Per-channel mean and biased variance over all axes but the first and the last.
 
-    x: the grouped input [G, N / G, ..., C] (None when only conv_input is given).
-    conv_input: (grouped input, kernel) of the stride-1 1x1 conv that produces x: its moments
-      come from that input (`conv1x1_output_moments`) for bf16 / f16 values, or always when x
-      is None.
+    x: the grouped input [G, N / G, ..., C], or None with conv_input.
+    conv_input: (grouped input, kernel) of the stride-1 1x1 conv whose output is normalised:
+      the moments come from that input (`conv1x1_output_moments`).
     """
-    values = x if x is not None else conv_input[0]
     synced = self.axis_name if self.sync else None
-    if conv_input is not None and (x is None or jnp.finfo(values.dtype).bits < 32):
-      moments = conv1x1_output_moments(*conv_input, values.dtype)
-    elif jnp.finfo(values.dtype).bits < 32:
+    if conv_input is not None:
+      moments = conv1x1_output_moments(*conv_input, conv_input[0].dtype)
+    elif jnp.finfo(x.dtype).bits < 32:
       xs, axes = x.astype(jnp.float32), tuple(range(1, x.ndim - 1))
       moments = jnp.stack([jnp.mean(xs, axis=axes), jnp.mean(jnp.square(xs), axis=axes)])
     else:
@@ -201,16 +199,18 @@ class BatchNorm(nn.Module):
     """Normalises x [N, ..., C].
 
     Args:
-      x: the input; None to get the normalisation itself (see below).
+      x: the input; None with conv_input, to get the normalisation itself (see below).
       train: batch statistics (and running-statistics updates) when True.
-      conv_input: optional (input [N, ..., C_in], kernel [1, 1, C_in, C]) of the stride-1 1x1
-        convolution that produces x: with a bf16 / f16 x (or x None) the batch statistics come
-        from that input (`conv1x1_output_moments`), the same statistics without reading x.
+      conv_input: with x None, (input [N, ..., C_in], kernel [1, 1, C_in, C]) of the stride-1
+        1x1 convolution whose output is normalised: the batch statistics come from that input
+        (`conv1x1_output_moments`), without the output being computed.
 
     Returns:
       The normalised x in `dtype`; with x None, (multiplier [G, C], shift [G, C]) such that
       the BatchNorm of the conv's output is conv(input) * multiplier + shift (G groups).
     """
+    if (x is None) == (conv_input is None):
+      raise ValueError('BatchNorm takes either x or conv_input.')
     values = x if x is not None else conv_input[0]
     features = x.shape[-1] if x is not None else conv_input[1].shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
